@@ -1,0 +1,68 @@
+"""`rgan`: the one command-line entry point. Thin: it parses, validates and calls the library.
+
+Each subcommand lives in the module that owns its concept and is imported only when chosen, so
+`rgan --help` stays instant (DeepSpeed and Ray take seconds to import). Bad input anywhere surfaces as
+`UsageError`: one line on stderr, exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rgan_dist.errors import UsageError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# name -> (help, "module:add_arguments", "module:run")
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "shards": ("pack image folders/archives into WebDataset shards + manifest",
+               "data_pipeline.cli:add_shards_arguments", "data_pipeline.cli:run_shards"),
+    "train": ("train a GAN from a YAML config (plain, torchrun or deepspeed launcher)",
+              "launcher.train:add_arguments", "launcher.train:run"),
+    "demo": ("end-to-end RaSGAN on the embedded digits, CPU-friendly",
+             "launcher.train:add_demo_arguments", "launcher.train:run_demo"),
+    "fid": ("FID/KID between two image folders or shard sets",
+            "rgan_dist.metrics.cli:add_fid_arguments", "rgan_dist.metrics.cli:run_fid"),
+}
+
+
+def _load(ref: str) -> Callable:
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgan", description="Relativistic GANs at scale.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (help_text, add_ref, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:  # only the chosen command's module is imported
+            _load(add_ref)(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_load(COMMANDS[args.command][2])(args) or 0)
+    except UsageError as e:
+        print(f"rgan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rgan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

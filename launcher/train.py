@@ -1,0 +1,71 @@
+"""`rgan train` and `rgan demo`: resolve the config, then hand it to `rgan_dist.engine.loop.train`.
+
+The same entry point serves a plain process, `torchrun` (rank/world from its environment variables)
+and the `deepspeed` launcher (which appends `--local_rank=N`; accepted and ignored, LOCAL_RANK wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rgan_dist.config import describe_keys, dump_config, load_config
+from rgan_dist.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see configs/; base.yaml documents every key)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
+    p.add_argument("--resume", help="'auto' (latest in checkpoint.dir) or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.help_config:
+        for key, default, text in describe_keys():
+            print(f"{key:28s} {default!r:22s} {text}")
+        return 0
+    if not args.config:
+        raise UsageError("--config FILE is required (e.g. configs/demo.yaml or configs/paper/cifar10.yaml)")
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    return _train(cfg)
+
+
+def _train(cfg) -> int:
+    from rgan_dist.engine.loop import TrainingDiverged, train
+
+    try:
+        result = train(cfg)
+    except TrainingDiverged as e:
+        print(f"rgan train: error: {e}", file=sys.stderr)
+        return 1
+    if result.out_dir and result.checkpoint is not None:
+        print(f"rgan: {'stopped' if result.interrupted else 'finished'} at step {result.step} in "
+              f"{result.seconds:.0f}s; checkpoint {result.checkpoint}")
+        if result.samples:
+            print(f"rgan: samples {result.samples[-1]} (all in {result.samples[-1].parent})")
+        print(f"rgan: metrics {Path(result.out_dir) / 'metrics.jsonl'}")
+    return 130 if result.interrupted else 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override any key of configs/demo.yaml, e.g. train.steps=300")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from launcher.cli import CONFIGS
+
+    demo = CONFIGS / "demo.yaml"
+    if not demo.is_file():
+        raise UsageError(f"{demo} is missing: run rgan demo from a source checkout (pip install -e .)")
+    return _train(load_config(demo, args.overrides))

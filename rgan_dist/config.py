@@ -1,0 +1,328 @@
+"""Typed, layered configuration: defaults < YAML file (and the files it `extends:`) < `key=value` overrides.
+
+Every section is a dataclass whose fields carry their own validation (`choices`, `min`, `max`) and a
+help line, so there is one place that says what a key means and what it accepts. `configs/base.yaml`
+mirrors these defaults with comments for humans, and a test keeps the two identical.
+
+Why dataclasses and not a free-form dict: an unknown key, a wrong type or an out-of-range value must
+fail before a multi-node job starts, naming the key and what is allowed (torchtitan's silently ignored
+keys, its PR #1644, are the failure we avoid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rgan_dist.errors import ConfigError
+
+MODEL_ARCHS = ("dcgan", "cnn32")
+LOSS_NAMES = (
+    "sgan", "sgan-sat", "rsgan", "rpgan", "rasgan", "lsgan", "ralsgan", "hinge", "rahinge", "wgan",
+    "rcsgan", "rclsgan", "rchinge",
+)  # fmt: skip
+PENALTY_NAMES = ("none", "wgan-gp", "r1", "r2", "r1+r2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("single", "ddp", "deepspeed")
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A config field: default, one help line, and optional `choices`/`min`/`max`/`min_exclusive`."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("rgan", "Run name: names the output folder and the MLflow run.")
+    out_dir: str = _f("runs/{name}", "Where samples, logs and (by default) checkpoints go; {name} expands.")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, or cuda.", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("dcgan", "Architecture pair.", choices=MODEL_ARCHS)
+    resolution: int = _f(64, "Image side in pixels (dcgan: power of two 16..1024; cnn32: 32).", min=8, max=1024)
+    channels: int = _f(3, "Image channels produced by G and read by D.", choices=(1, 3))
+    z_dim: int = _f(128, "Latent size; z ~ N(0, I).", min=1)
+    width: int = _f(64, "Base channel width (paper: 64 at 64^2/128^2, 32 at 256^2).", min=1)
+    max_width: int = _f(1024, "Cap on any layer's channels, so 1024^2 models stay finite.", min=1)
+    spectral_norm: bool = _f(False, "Spectral norm on every D conv.")
+    g_batch_norm: bool = _f(True, "BatchNorm in G.")
+    d_batch_norm: bool = _f(True, "BatchNorm in D (dcgan: never on its first block); set false with a gradient penalty.")
+    pack: int = _f(1, "PacGAN packing: D judges `pack` images stacked on channels (paper: 2 at 256^2).", min=1)
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("rasgan", "GAN loss; rpgan is an alias of rsgan.", choices=LOSS_NAMES)
+    penalty: str = _f("none", "Gradient penalty added to the D loss.", choices=PENALTY_NAMES)
+    penalty_weight: float = _f(10.0, "Penalty weight (lambda for wgan-gp, gamma for r1/r2).", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100_000, "Generator steps.", min=1)
+    batch_size: int = _f(32, "Images per rank per D or G step.", min=1)
+    n_dis: int = _f(1, "Discriminator steps per generator step.", min=1)
+    lr_g: float = _f(2e-4, "Adam learning rate of G.", min_exclusive=0.0)
+    lr_d: float = _f(2e-4, "Adam learning rate of D.", min_exclusive=0.0)
+    betas: list[float] = _f([0.5, 0.999], "Adam (beta1, beta2) for both optimizers.")
+    seed: int = _f(1, "Global seed; rank r seeds its noise with seed + r.", min=0)
+    precision: str = _f("fp32", "Autocast precision; fp16 uses a GradScaler (CUDA only).", choices=PRECISIONS)
+    ema: float = _f(0.999, "EMA decay of the generator copy used for samples/eval; 0 disables it.", min=0.0, max=1.0)
+    fresh_real_for_g: bool = _f(True, "Draw a new real batch for the G step (as the official code).")
+    flip: bool = _f(False, "Random horizontal flip of real images, done on the device.")
+    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps.", min=1)
+    log_every: int = _f(50, "Steps between logged metrics.", min=1)
+    sample_every: int = _f(1000, "Steps between sample-grid PNGs (0: only at the end).", min=0)
+    sample_grid: int = _f(8, "Sample grid side (grid x grid images).", min=1, max=32)
+    channels_last: bool = _f(False, "Use channels_last memory format (faster convs on recent GPUs).")
+    compile: bool = _f(False, "torch.compile G and D.")
+    progress: bool = _f(True, "Show a progress bar on rank 0.")
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f(
+        "sklearn:digits",
+        "Training images: a shard dir, manifest.json or brace URL list; sklearn:digits = embedded data.",
+    )
+    workers: int = _f(2, "DataLoader workers per rank for shard reading.", min=0)
+
+
+@dataclass
+class DistConfig:
+    strategy: str = _f("single", "How G and D are wrapped: one process, DDP, or DeepSpeed.", choices=STRATEGIES)
+    deepspeed_config: str = _f("", "DeepSpeed JSON path (strategy=deepspeed); empty uses a ZeRO-0 default.")
+    backend: str = _f("auto", "Process-group backend: auto (nccl on cuda, gloo on cpu), nccl or gloo.",
+                      choices=("auto", "nccl", "gloo"))
+    timeout_s: int = _f(600, "Collective timeout in seconds; a hung rank fails the job after this.", min=1)
+    broadcast_buffers: bool = _f(True, "DDP: broadcast rank 0's BatchNorm buffers each forward.")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = _f("", "Checkpoint folder; empty means <run.out_dir>/checkpoints.")
+    every: int = _f(5000, "Steps between checkpoints (0: only the final one).", min=0)
+    keep: int = _f(3, "Rolling checkpoints kept besides `latest` and `best`.", min=1)
+    resume: str = _f("", "'' (fresh), 'auto' (latest in dir if any) or a checkpoint path.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "Steps between FID evaluations (0: never during training).", min=0)
+    num_samples: int = _f(10_000, "Generated samples per FID (the paper: 50k).", min=2)
+    batch_size: int = _f(100, "Generator/Inception batch per rank during evaluation.", min=1)
+    use_ema: bool = _f(True, "Evaluate the EMA generator (if train.ema > 0).")
+    kid: bool = _f(True, "Also compute KID.")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "Log to MLflow (rank 0 only).")
+    mlflow_uri: str = _f("", "MLflow tracking URI; empty: sqlite:///mlflow.db in the working directory.")
+    experiment: str = _f("rgan-dist", "MLflow experiment name.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out_dir.replace("{name}", self.run.name))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.out_dir / "checkpoints"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the shape MLflow params and sweep spaces use."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML at `path` (following `extends:`), then `section.key=value` overrides."""
+    raw: dict[str, Any] = _read_yaml_chain(Path(path)) if path else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr_d=1e-4")
+        section, _, name = key.strip().partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: {section!r} is not a section")
+        raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{where}: unknown section {section!r}; allowed: {', '.join(sections)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {values!r}")
+        target = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        hints = typing.get_type_hints(type(target))
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{where}: unknown key {section}.{key}; allowed in {section}: {', '.join(fields)}"
+                )
+            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key], fields[key].metadata))
+    _check_consistency(cfg)
+    return cfg
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"config {str(path)!r}: `extends` cycle through {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {str(path)!r}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path)!r}: top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config {str(path)!r}: `extends` must be a file path, got {parent!r}")
+    base = _read_yaml_chain(path.parent / parent, (*seen, resolved))
+    return _merge(base, data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Convert a YAML value to the field's type, or fail naming the key, the value and what is allowed."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r}: expected a list of {item_type.__name__}, e.g. [0.5, 0.999]")
+        out = [_scalar(key, v, item_type) for v in value]
+        if key == "train.betas" and (len(out) != 2 or not all(0.0 <= b < 1.0 for b in out)):
+            raise ConfigError(f"{key}={value!r}: expected two numbers in [0, 1), e.g. [0.5, 0.999]")
+        return out
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    out = _scalar(key, value, hint)
+    choices = meta.get("choices")
+    if choices is not None and out not in choices:
+        raise ConfigError(f"{key}={value!r}: not allowed; choose one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and out < lo:
+        raise ConfigError(f"{key}={value!r}: must be >= {lo}")
+    if hi is not None and out > hi:
+        raise ConfigError(f"{key}={value!r}: must be <= {hi}")
+    if "min_exclusive" in meta and out <= meta["min_exclusive"]:
+        raise ConfigError(f"{key}={value!r}: must be > {meta['min_exclusive']}")
+    return out
+
+
+def _scalar(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # `1e5` reaches us as a string (YAML 1.1 floats need a dot)
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if typ is float:
+        # PyYAML reads `1e-4` (no dot) as a string, so numbers written that way are accepted here.
+        try:
+            out = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            out = math.nan
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return out
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Contradictions between keys, caught before any process starts."""
+    m = cfg.model
+    if m.arch == "cnn32" and m.resolution != 32:
+        raise ConfigError(f"model.resolution={m.resolution}: arch cnn32 is the paper's 32x32 CNN; set 32")
+    if m.arch == "dcgan" and (m.resolution < 16 or m.resolution & (m.resolution - 1)):
+        raise ConfigError(f"model.resolution={m.resolution}: dcgan needs a power of two in 16..1024")
+    if cfg.train.batch_size % m.pack:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size}: must be a multiple of model.pack={m.pack}"
+        )
+    if cfg.dist.strategy != "deepspeed" and cfg.dist.deepspeed_config:
+        raise ConfigError(
+            f"dist.deepspeed_config={cfg.dist.deepspeed_config!r}: only used with dist.strategy=deepspeed"
+        )
+    if cfg.eval.every and cfg.eval.num_samples < 2:
+        raise ConfigError(f"eval.num_samples={cfg.eval.num_samples}: FID needs at least 2 samples")
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every key: what `rgan train --help-config` prints."""
+    rows = []
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            rows.append((f"{sec.name}.{f.name}", default, f.metadata["help"]))
+    return rows
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML: stored in checkpoints and MLflow so a run can be replayed exactly."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,406 @@
+"""Every GAN loss and gradient penalty rgan-dist knows, in one file, readable top to bottom.
+
+Why one file: relativistic losses make the generator step depend on the critic's output on
+*real* images, which changes what the training loop must compute. Keeping every loss decision
+(formula, scaling, whether the G step needs reals) here means the loop never branches on a
+loss name, and a reviewer can check the whole family against REFERENCES.md in one sitting.
+
+Conventions (r = C(x_real), f = C(x_fake), raw logits; m = batch mean;
+BCE(x, t) = ``binary_cross_entropy_with_logits``, mean-reduced):
+
+- Non-relativistic losses follow the official RelativisticGAN code (``GAN_losses_iter.py``):
+  LSGAN is *not* halved; the G losses of SGAN/LSGAN/hinge/WGAN ignore ``r``.
+- Relativistic *average* (Ra) losses carry the ``/2`` of the official code: D and G are the
+  mean of the real-side and fake-side terms. The paper-era sign bug (issue #2) is not
+  reproduced: the fake term is ``f - m(r)``.
+- ``rsgan`` (alias ``rpgan``, the R3GAN name) pairs reals and fakes by index.
+- Relativistic *centred* (Rc) losses use c = (m(r) + m(f)) / 2, with the D and G forms of the
+  author's later code (AlexiaJM/relativistic-f-divergences ``GAN.py``, loss_D 21-23):
+  D pushes reals above c and fakes below it, G the reverse. That repository drops the ``/2``
+  on Ra *and* Rc alike; we keep the ``/2`` on both so that Ra and Rc of one family share
+  a scale here too. (A constant factor only rescales the gradient, i.e. the learning rate;
+  Adam is almost invariant to it.)
+
+Logits may have shape [B] or [B, 1]; they are flattened first so that a [B] against a [B, 1]
+never broadcasts into a [B, B] matrix. Half-precision logits are promoted to float32 before
+any arithmetic: the losses are cheap, and squaring or averaging in bf16 loses digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rgan_dist.errors import ConfigError
+
+__all__ = [
+    "LOSSES",
+    "PENALTIES",
+    "check_loss_name",
+    "check_penalty_name",
+    "d_loss",
+    "g_loss",
+    "needs_real_in_g_step",
+    "penalty",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    """Mean BCE against a constant label, through the fused log-sum-exp form (stable at |x|=1e4)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def _m(x: Tensor) -> Tensor:
+    return x.mean()
+
+
+def _centre(r: Tensor, f: Tensor) -> Tensor:
+    """The Rc reference point: the midpoint of the real and fake mean logits."""
+    return (r.mean() + f.mean()) / 2
+
+
+def _prepare(c: Tensor) -> Tensor:
+    c = c.reshape(-1)
+    if c.dtype in (torch.float16, torch.bfloat16):
+        c = c.float()
+    return c
+
+
+def _require_paired(r: Tensor, f: Tensor) -> None:
+    if r.numel() != f.numel():
+        raise ValueError(
+            f"paired relativistic loss needs as many real as fake logits, got {r.numel()} real "
+            f"and {f.numel()} fake"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The losses: one D and one G function per variant. r, f are flat float logits.
+# --------------------------------------------------------------------------------------------
+
+# SGAN (Goodfellow et al.): D classifies; G non-saturating, or saturating (the minimax form).
+def _sgan_d(r: Tensor, f: Tensor) -> Tensor:
+    return _bce(r, 1.0) + _bce(f, 0.0)
+
+
+def _sgan_g(r: Tensor, f: Tensor) -> Tensor:
+    return _bce(f, 1.0)
+
+
+def _sgan_sat_g(r: Tensor, f: Tensor) -> Tensor:
+    # minimise log(1 - sigmoid(f)) = -BCE(f, 0): kept to show why the non-saturating G exists.
+    return -_bce(f, 0.0)
+
+
+# LSGAN (a=0, b=c=1), not halved, as in the official code.
+def _lsgan_d(r: Tensor, f: Tensor) -> Tensor:
+    return _m((r - 1) ** 2) + _m(f**2)
+
+
+def _lsgan_g(r: Tensor, f: Tensor) -> Tensor:
+    return _m((f - 1) ** 2)
+
+
+# Hinge (Miyato et al. / SAGAN form).
+def _hinge_d(r: Tensor, f: Tensor) -> Tensor:
+    return _m(F.relu(1 - r)) + _m(F.relu(1 + f))
+
+
+def _hinge_g(r: Tensor, f: Tensor) -> Tensor:
+    return -_m(f)
+
+
+# WGAN critic loss; the Lipschitz constraint comes from the separate `wgan-gp` penalty.
+def _wgan_d(r: Tensor, f: Tensor) -> Tensor:
+    return _m(f) - _m(r)
+
+
+def _wgan_g(r: Tensor, f: Tensor) -> Tensor:
+    return -_m(f)
+
+
+# RSGAN / RpGAN: pairs by index; G is D with the roles swapped.
+def _rsgan_d(r: Tensor, f: Tensor) -> Tensor:
+    _require_paired(r, f)
+    return _bce(r - f, 1.0)
+
+
+def _rsgan_g(r: Tensor, f: Tensor) -> Tensor:
+    _require_paired(r, f)
+    return _bce(f - r, 1.0)
+
+
+# Relativistic average: each sample is compared with the other side's batch mean; /2.
+def _rasgan_d(r: Tensor, f: Tensor) -> Tensor:
+    return (_bce(r - _m(f), 1.0) + _bce(f - _m(r), 0.0)) / 2
+
+
+def _rasgan_g(r: Tensor, f: Tensor) -> Tensor:
+    return (_bce(r - _m(f), 0.0) + _bce(f - _m(r), 1.0)) / 2
+
+
+def _ralsgan_d(r: Tensor, f: Tensor) -> Tensor:
+    return (_m((r - _m(f) - 1) ** 2) + _m((f - _m(r) + 1) ** 2)) / 2
+
+
+def _ralsgan_g(r: Tensor, f: Tensor) -> Tensor:
+    return (_m((r - _m(f) + 1) ** 2) + _m((f - _m(r) - 1) ** 2)) / 2
+
+
+def _rahinge_d(r: Tensor, f: Tensor) -> Tensor:
+    return (_m(F.relu(1 - (r - _m(f)))) + _m(F.relu(1 + (f - _m(r))))) / 2
+
+
+def _rahinge_g(r: Tensor, f: Tensor) -> Tensor:
+    return (_m(F.relu(1 + (r - _m(f)))) + _m(F.relu(1 - (f - _m(r))))) / 2
+
+
+# Relativistic centred: both sides compared with c = (m(r) + m(f)) / 2; /2 as for Ra.
+def _rcsgan_d(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_bce(r - c, 1.0) + _bce(f - c, 0.0)) / 2
+
+
+def _rcsgan_g(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_bce(r - c, 0.0) + _bce(f - c, 1.0)) / 2
+
+
+def _rclsgan_d(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_m((r - c - 1) ** 2) + _m((f - c + 1) ** 2)) / 2
+
+
+def _rclsgan_g(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_m((r - c + 1) ** 2) + _m((f - c - 1) ** 2)) / 2
+
+
+def _rchinge_d(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_m(F.relu(1 - (r - c))) + _m(F.relu(1 + (f - c)))) / 2
+
+
+def _rchinge_g(r: Tensor, f: Tensor) -> Tensor:
+    c = _centre(r, f)
+    return (_m(F.relu(1 + (r - c))) + _m(F.relu(1 - (f - c)))) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+_LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _Loss:
+    d: _LossFn
+    g: _LossFn
+    # True when G's loss depends on C(x_real): the G step must then run D on a real batch.
+    relativistic: bool
+
+
+_RSGAN = _Loss(_rsgan_d, _rsgan_g, relativistic=True)
+
+_REGISTRY: dict[str, _Loss] = {
+    "sgan": _Loss(_sgan_d, _sgan_g, relativistic=False),
+    "sgan-sat": _Loss(_sgan_d, _sgan_sat_g, relativistic=False),
+    "rsgan": _RSGAN,
+    "rpgan": _RSGAN,
+    "rasgan": _Loss(_rasgan_d, _rasgan_g, relativistic=True),
+    "lsgan": _Loss(_lsgan_d, _lsgan_g, relativistic=False),
+    "ralsgan": _Loss(_ralsgan_d, _ralsgan_g, relativistic=True),
+    "hinge": _Loss(_hinge_d, _hinge_g, relativistic=False),
+    "rahinge": _Loss(_rahinge_d, _rahinge_g, relativistic=True),
+    "wgan": _Loss(_wgan_d, _wgan_g, relativistic=False),
+    "rcsgan": _Loss(_rcsgan_d, _rcsgan_g, relativistic=True),
+    "rclsgan": _Loss(_rclsgan_d, _rclsgan_g, relativistic=True),
+    "rchinge": _Loss(_rchinge_d, _rchinge_g, relativistic=True),
+}
+
+LOSSES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def check_loss_name(name: str) -> str:
+    """Return ``name`` if it is a known loss; else raise the one-line ConfigError config code reuses."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown loss {name!r} (loss.name); allowed: {', '.join(LOSSES)}")
+    return name
+
+
+def needs_real_in_g_step(name: str) -> bool:
+    """Whether the generator loss reads C(x_real), so the G step must forward D on a real batch."""
+    return _REGISTRY[check_loss_name(name)].relativistic
+
+
+def d_loss(name: str, c_real: Tensor, c_fake: Tensor) -> Tensor:
+    """Discriminator loss (scalar) from raw critic logits of shape [B] or [B, 1]."""
+    loss = _REGISTRY[check_loss_name(name)]
+    return loss.d(_prepare(c_real), _prepare(c_fake))
+
+
+def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor) -> Tensor:
+    """Generator loss (scalar) from raw critic logits of shape [B] or [B, 1].
+
+    ``c_real`` may be None for losses where ``needs_real_in_g_step`` is False, so that the
+    loop need not spend a D forward on reals it would throw away.
+    """
+    loss = _REGISTRY[check_loss_name(name)]
+    f = _prepare(c_fake)
+    if c_real is None:
+        if loss.relativistic:
+            raise ValueError(f"loss {name!r} is relativistic: its generator loss needs c_real")
+        r = f.new_empty(0)
+    else:
+        r = _prepare(c_real)
+    return loss.g(r, f)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient penalties
+#
+# All of them differentiate the critic w.r.t. its *input* with create_graph=True and return a
+# tensor still attached to the critic's parameters, so the caller adds it to the D loss and
+# calls one ordinary backward(): DeepSpeed allows a single backward per step and DDP must
+# never see backward(create_graph=True).
+#
+# Precision: the critic output is summed in float32 before autograd.grad and the gradient is
+# promoted to float32 before its norm, so a bf16/fp16 autocast critic yields an fp32 penalty.
+# Under the fp16 GradScaler pass its current scale as ``grad_scale``: the summed output is
+# multiplied by it before autograd.grad and the input gradient divided by it afterwards (the
+# recipe of PyTorch's AMP notes), so small input gradients survive fp16's range instead of
+# flushing to zero. An overflow then shows up as inf in the penalty, hence in D's grads, and
+# the scaler skips that step as it would for any other overflow. Note that every critic
+# output receives the full scale as its upstream gradient, so a scale above fp16's maximum
+# (65504; GradScaler starts at 65536) overflows once and the scaler backs off by itself.
+#
+# Packing (PacGAN): the critic may return fewer rows than it was given (pack images per critic
+# sample, output [B/pack]). Differentiating the summed output still yields one gradient per
+# *input image*, and every penalty here is defined per input image: norms run over each image's
+# non-batch dims and means over the B images. Consequences, stated plainly: R1/R2 equal 1/pack
+# times the "per packed sample" version (a packed sample's squared norm is the sum of its
+# images'); for wgan-gp each image is pushed towards unit gradient norm on its own, and each
+# image gets its own interpolation weight u.
+#
+# Caveat: a critic with train-mode BatchNorm couples the samples of a batch, so a "per-image
+# gradient" also carries cross-image terms (as it did in the official code, whose DCGAN critic
+# kept BatchNorm under --grad_penalty); Gulrajani et al. advise a critic without it.
+# --------------------------------------------------------------------------------------------
+
+_Critic = Callable[[Tensor], Tensor]
+
+
+def _input_grads(critic: _Critic, x: Tensor, grad_scale: float) -> Tensor:
+    """dC/dx for every input image, flattened to [B, numel/B], float32, graph kept."""
+    x = x.detach().requires_grad_(True)
+    out = critic(x).float().sum()
+    (grad,) = torch.autograd.grad(out * grad_scale, x, create_graph=True)
+    return grad.float().flatten(1) / grad_scale
+
+
+def _sq_norms(grads: Tensor) -> Tensor:
+    return grads.pow(2).sum(dim=1)
+
+
+def _interpolate(x_real: Tensor, x_fake: Tensor, generator: torch.Generator | None) -> Tensor:
+    """x_hat = u*x_r + (1-u)*x_f with u ~ U[0, 1] per image, u drawn as ``torch.rand(B)``.
+
+    u is drawn on the generator's device (CPU when a CPU generator drives CUDA data, so a seed
+    reproduces the same u on any device) and then moved next to the images.
+    """
+    if x_real.shape != x_fake.shape:
+        raise ValueError(f"wgan-gp needs real and fake batches of one shape, got "
+                         f"{tuple(x_real.shape)} and {tuple(x_fake.shape)}")
+    draw_device = generator.device if generator is not None else x_real.device
+    u = torch.rand(x_real.shape[0], generator=generator, device=draw_device, dtype=torch.float32)
+    u = u.to(device=x_real.device, dtype=x_real.dtype).view(-1, *([1] * (x_real.dim() - 1)))
+    return u * x_real.detach() + (1 - u) * x_fake.detach()
+
+
+def _zero(x: Tensor) -> Tensor:
+    return torch.zeros((), device=x.device, dtype=torch.float32)
+
+
+def _wgan_gp(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
+             generator: torch.Generator | None, grad_scale: float) -> Tensor:
+    # One-centred, on interpolates (Gulrajani et al. 2017), as in the official code.
+    # vector_norm's derivative is 0 (not NaN) at a zero gradient, so no epsilon is needed.
+    grads = _input_grads(critic, _interpolate(x_real, x_fake, generator), grad_scale)
+    return weight * ((torch.linalg.vector_norm(grads, dim=1) - 1) ** 2).mean()
+
+
+def _r1(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
+        generator: torch.Generator | None, grad_scale: float) -> Tensor:
+    # Zero-centred on reals, gamma/2 * E||grad||^2 (Mescheder et al. 2018).
+    return weight / 2 * _sq_norms(_input_grads(critic, x_real, grad_scale)).mean()
+
+
+def _r2(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
+        generator: torch.Generator | None, grad_scale: float) -> Tensor:
+    # Zero-centred on (detached) fakes, same convention as R1.
+    return weight / 2 * _sq_norms(_input_grads(critic, x_fake, grad_scale)).mean()
+
+
+def _r1_r2(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
+           generator: torch.Generator | None, grad_scale: float) -> Tensor:
+    # R3GAN's pair: both terms, one weight.
+    return (_r1(critic, x_real, x_fake, weight, generator, grad_scale)
+            + _r2(critic, x_real, x_fake, weight, generator, grad_scale))
+
+
+def _none(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
+          generator: torch.Generator | None, grad_scale: float) -> Tensor:
+    return _zero(x_real)
+
+
+_PENALTIES: dict[str, Callable[..., Tensor]] = {
+    "none": _none,
+    "wgan-gp": _wgan_gp,
+    "r1": _r1,
+    "r2": _r2,
+    "r1+r2": _r1_r2,
+}
+
+PENALTIES: tuple[str, ...] = tuple(_PENALTIES)
+
+
+def check_penalty_name(name: str) -> str:
+    """Return ``name`` if it is a known penalty; else raise a one-line ConfigError."""
+    if name not in _PENALTIES:
+        raise ConfigError(f"unknown penalty {name!r} (loss.penalty); allowed: {', '.join(PENALTIES)}")
+    return name
+
+
+def penalty(
+    name: str,
+    critic: _Critic,
+    x_real: Tensor,
+    x_fake: Tensor,
+    weight: float,
+    *,
+    generator: torch.Generator | None = None,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """Gradient penalty ``name`` (scalar, float32), attached to the critic's parameters.
+
+    ``critic`` should be the raw module (not a DDP/DeepSpeed wrapper, see DESIGN.md).
+    ``generator`` drives wgan-gp's interpolation weights; ``grad_scale`` is the fp16
+    GradScaler's current scale (1.0 otherwise). See the section comment above for the
+    precision and PacGAN conventions.
+    """
+    fn = _PENALTIES[check_penalty_name(name)]
+    if weight < 0:
+        raise ConfigError(f"penalty weight must be >= 0 (loss.penalty_weight), got {weight}")
+    if not grad_scale > 0:
+        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+    return fn(critic, x_real, x_fake, weight, generator, grad_scale)
