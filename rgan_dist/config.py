@@ -58,7 +58,7 @@ class ModelConfig:
     max_width: int = _f(1024, "Cap on any layer's channels, so 1024^2 models stay finite.", min=1)
     spectral_norm: bool = _f(False, "Spectral norm on every D conv.")
     g_batch_norm: bool = _f(True, "BatchNorm in G.")
-    d_batch_norm: bool = _f(True, "BatchNorm in D (dcgan: never on its first block); set false with a gradient penalty.")
+    d_batch_norm: bool = _f(True, "BatchNorm in D (dcgan: never on its first block); set false with a penalty.")
     pack: int = _f(1, "PacGAN packing: D judges `pack` images stacked on channels (paper: 2 at 256^2).", min=1)
 
 

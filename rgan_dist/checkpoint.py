@@ -1,0 +1,113 @@
+"""Checkpoint manager: the loop calls `save(step, state)` and `load(...)`; this file owns everything else.
+
+Layout of `checkpoint.dir`:
+  ckpt-00001000.pt ...   the last `keep` rolling checkpoints
+  best.pt                the best-FID checkpoint, kept apart from the rolling ones
+  latest                 a text file naming the newest rolling checkpoint
+
+Every write goes to a temporary name, is fsynced, then renamed over the target, and the `latest`
+pointer is updated the same way only after the checkpoint itself is durable: a job killed mid-write
+leaves the previous checkpoint and pointer intact. Files hold only tensors and plain Python values,
+so they load with `torch.load(weights_only=True)` (no arbitrary code runs when loading).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rgan_dist.errors import UsageError
+
+_ROLLING = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(file_object)` on a temp file beside `path`, fsync it, and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.dir = Path(directory)
+        self.keep = keep
+
+    def rolling(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if _ROLLING.match(p.name))
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names; falls back to the newest rolling file if the pointer is gone."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            target = self.dir / pointer.read_text().strip()
+            if target.is_file():
+                return target
+        files = self.rolling()
+        return files[-1] if files else None
+
+    def save(self, step: int, state: dict[str, Any], *, best: bool = False) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"ckpt-{step:08d}.pt"
+        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode()))
+        if best:
+            atomic_write(self.dir / "best.pt", lambda f: torch.save(state, f))
+        for old in self.rolling()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "best.pt"
+        atomic_write(path, lambda f: torch.save(state, f))
+        return path
+
+    def resolve(self, resume: str) -> Path | None:
+        """`''` -> None; `auto` -> latest in the dir or None; anything else must be an existing file
+        (or a checkpoint dir holding one)."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if path.is_dir():
+            found = CheckpointManager(path).latest()
+            if found is None:
+                raise UsageError(f"checkpoint.resume={resume!r}: folder holds no ckpt-*.pt checkpoint")
+            return found
+        if not path.is_file():
+            raise UsageError(f"checkpoint.resume={resume!r}: no such file; give a path, a folder, or 'auto'")
+        return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {str(path)!r}: no such file") from None
+    except Exception as e:  # a truncated or foreign file: say which, never a traceback
+        raise UsageError(f"checkpoint {str(path)!r}: not a loadable rgan-dist checkpoint ({e.__class__.__name__})")\
+            from None
