@@ -100,7 +100,8 @@ def make_batches(cfg: Config, *, rank: int, world_size: int, device: torch.devic
     it = make_batch_iterator(spec, batch_size=cfg.train.batch_size, resolution=cfg.model.resolution,
                              rank=rank, world_size=world_size, workers=cfg.data.workers,
                              seed=cfg.train.seed, start_epoch=state.get("epoch", 0),
-                             start_batch=state.get("batch", 0), device=device)
+                             start_batch=state.get("batch", 0), start_skipped=state.get("skipped", 0),
+                             device=device)
     return it
 
 

@@ -1,0 +1,186 @@
+"""Where writer inputs come from: folders, .zip and .tar archives, and the embedded sklearn digits.
+
+Enumeration runs in the main process and yields small picklable `Item`s (no pixel data), so the
+candidate list stays cheap for millions of files; worker processes fetch the bytes themselves
+(a zip member by name, a tar member by byte offset, a file by path).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.images import is_image_name
+from rgan_dist.errors import UsageError
+
+DIGITS = "sklearn:digits"
+_COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+
+
+@dataclass(frozen=True)
+class Item:
+    source: str  # the source argument as the user gave it
+    rel: str  # POSIX path inside the source; stored in every sample as "path"
+    kind: str  # "file" | "zip" | "tar" | "digits"
+    loc: tuple  # how a worker fetches the bytes (see `read_item`)
+
+    @property
+    def display(self) -> str:
+        """How the manifest names this input: the source joined with the inner path."""
+        return f"{self.source.rstrip('/')}/{self.rel}"
+
+
+@dataclass
+class Listing:
+    items: list[Item] = field(default_factory=list)
+    ignored: int = 0  # files whose extension is not an image (counted, never listed)
+
+
+def check_sources(sources: list[str]) -> None:
+    """Reject unusable source arguments before any output is touched."""
+    if not sources:
+        raise UsageError("no source given: pass one or more folders, .zip or .tar files, or sklearn:digits")
+    for src in sources:
+        if src == DIGITS:
+            continue
+        p = Path(src)
+        if not p.exists():
+            raise UsageError(f"source not found: {src} (expected a folder, a .zip, a .tar or {DIGITS})")
+        if p.is_dir():
+            continue
+        low = p.name.lower()
+        if low.endswith(_COMPRESSED_TAR):
+            raise UsageError(
+                f"compressed tar source not supported: {src} (decompress it to .tar, or use a .zip or folder)"
+            )
+        if low.endswith(".zip"):
+            if not zipfile.is_zipfile(p):
+                raise UsageError(f"source {src} is not a readable zip archive")
+        elif low.endswith(".tar"):
+            if not tarfile.is_tarfile(p):
+                raise UsageError(f"source {src} is not a readable tar archive")
+        else:
+            raise UsageError(f"unsupported source {src}: expected a folder, a .zip, a .tar or {DIGITS}")
+
+
+def list_sources(sources: list[str]) -> Listing:
+    """All candidate images of all sources, in a deterministic order (sources as given, paths sorted).
+
+    The sources must have passed `check_sources`.
+    """
+    out = Listing()
+    for src in sources:
+        if src == DIGITS:
+            n = len(_digits_images())
+            out.items.extend(Item(src, f"{i:04d}", "digits", (i,)) for i in range(n))
+        elif Path(src).is_dir():
+            _list_folder(src, out)
+        elif src.lower().endswith(".zip"):
+            _list_zip(src, out)
+        else:
+            _list_tar(src, out)
+    return out
+
+
+def _junk(rel: str) -> bool:
+    """macOS archive litter (`__MACOSX/`, AppleDouble `._x.jpg`) carries an image extension but no image."""
+    parts = rel.split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._")
+
+
+def _list_folder(src: str, out: Listing) -> None:
+    root = Path(src)
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in filenames:
+            full = Path(dirpath) / fn
+            if not full.is_file():
+                continue
+            found.append(full.relative_to(root).as_posix())
+    for rel in sorted(found):
+        if is_image_name(rel) and not _junk(rel):
+            out.items.append(Item(src, rel, "file", (str(root / rel),)))
+        else:
+            out.ignored += 1
+
+
+def _list_zip(src: str, out: Listing) -> None:
+    with zipfile.ZipFile(src) as zf:
+        infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
+    for info in infos:
+        rel = info.filename.lstrip("/")
+        if is_image_name(rel) and not _junk(rel):
+            out.items.append(Item(src, rel, "zip", (src, info.filename)))
+        else:
+            out.ignored += 1
+
+
+def _list_tar(src: str, out: Listing) -> None:
+    with tarfile.open(src, "r:") as tf:
+        members = [m for m in tf.getmembers() if m.isreg()]
+    for m in sorted(members, key=lambda m: m.name):
+        rel = m.name.removeprefix("./").lstrip("/")
+        if is_image_name(rel) and not _junk(rel):
+            out.items.append(Item(src, rel, "tar", (src, m.offset_data, m.size)))
+        else:
+            out.ignored += 1
+
+
+_zip_cache: dict[str, zipfile.ZipFile] = {}
+
+
+def read_item(item: Item) -> bytes | np.ndarray:
+    """The raw input of one item: file/archive bytes, or a uint8 greyscale array for digits.
+
+    Raises OSError / zipfile.BadZipFile (bad CRC) / RuntimeError (encrypted) for unreadable members;
+    the caller records those as skipped.
+    """
+    if item.kind == "file":
+        with open(item.loc[0], "rb") as f:
+            return f.read()
+    if item.kind == "zip":
+        path, member = item.loc
+        zf = _zip_cache.get(path)
+        if zf is None:
+            zf = _zip_cache[path] = zipfile.ZipFile(path)
+        return zf.read(member)
+    if item.kind == "tar":
+        path, offset, size = item.loc
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"tar member truncated ({len(data)} of {size} bytes)")
+        return data
+    if item.kind == "digits":
+        return _digits_images()[item.loc[0]]
+    raise ValueError(f"unknown item kind {item.kind!r}")
+
+
+_digits: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def digits_label(index: int) -> int:
+    return int(_load_digits()[1][index])
+
+
+def _digits_images() -> np.ndarray:
+    return _load_digits()[0]
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 real 8x8 handwritten digits, 0..16 scaled to 0..255 greyscale, and labels."""
+    global _digits
+    if _digits is None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        _digits = (images, np.asarray(bunch.target))
+    return _digits
