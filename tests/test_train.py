@@ -129,3 +129,17 @@ def test_bad_resume_path_is_one_line(tmp_path):
          f"run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trains_from_webdataset_shards(tmp_path):
+    """The loop reads real shards through the data pipeline's reader: the path users take."""
+    from data_pipeline.writer import write_shards
+
+    shards = tmp_path / "shards"
+    manifest = write_shards(["sklearn:digits"], shards, 16, fmt="png", shard_size=400)
+    assert manifest["num_samples"] == 1797 and len(manifest["shards"]) == 5
+    cfg = tiny_cfg(tmp_path, "train.steps=3", f"data.shards={shards}", "model.channels=3", "data.workers=1")
+    result = train(cfg)
+    assert result.step == 3
+    state = load_checkpoint(result.checkpoint)["data"]
+    assert state["batch"] > 0 and state["skipped"] == 0
