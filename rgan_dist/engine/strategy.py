@@ -12,13 +12,26 @@ Forward callables, and why there are three:
   DeepSpeed a forward through the wrapper would register gradient hooks that never fire (DDP then
   errors on the next backward; DeepSpeed refuses any backward outside `engine.backward`), so this is
   always the raw module.
+- `d_penalty`: `d` without torch.compile, for the gradient penalty's forward: aot_autograd cannot
+  double-backward ("torch.compile with aot_autograd does not currently support double backward"), so
+  with `train.compile=true` the penalty runs eager while every other forward stays compiled.
+
+Collectives (`all_finite`, `reduce_mean`, `any_rank`, `all_gather_object`, `broadcast_object`,
+`barrier`) are identities here; the distributed strategies make every rank agree through them, so the
+loop can call them unconditionally. The invariant they rely on: every rank calls the same collectives
+in the same order (one `all_finite` per phase, one `any_rank` per outer step, the gathers of a
+checkpoint), which holds because the loop has no rank-dependent branch before a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +74,7 @@ class Strategy:
         self.scalers: dict[Phase, torch.amp.GradScaler] = (
             {p: torch.amp.GradScaler(self.device.type) for p in ("g", "d")} if self.precision == "fp16" else {}
         )
+        self.faults = parse_faults(os.environ.get(FAULT_ENV, ""))
 
     # ---- setup ---------------------------------------------------------------------------------
 
@@ -70,19 +84,28 @@ class Strategy:
 
     def prepare(self, G: nn.Module, D: nn.Module) -> None:
         """Move the pair to the device, build the optimizers and the forward callables."""
-        t = self.cfg.train
-        mf = torch.channels_last if t.channels_last else torch.contiguous_format
-        self.G = G.to(self.device, memory_format=mf)
-        self.D = D.to(self.device, memory_format=mf)
-        self.opt: dict[Phase, torch.optim.Optimizer] = {
-            "g": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas)),
-            "d": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas)),
-        }
+        self._place(G, D)
+        self.opt: dict[Phase, torch.optim.Optimizer] = self._optimizers()
         self.g: Callable[..., torch.Tensor] = self.G
         self.d: Callable[..., torch.Tensor] = self.D
         self.d_frozen: Callable[..., torch.Tensor] = self.D
-        if t.compile:
+        self.d_penalty: Callable[..., torch.Tensor] = self.D
+        if self.cfg.train.compile:
             self.g, self.d, self.d_frozen = torch.compile(self.G), torch.compile(self.D), torch.compile(self.D)
+
+    def _place(self, G: nn.Module, D: nn.Module) -> None:
+        mf = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=mf)
+        self.D = D.to(self.device, memory_format=mf)
+
+    def _optimizers(self) -> dict[Phase, torch.optim.Optimizer]:
+        """The same torch Adam for every strategy (DeepSpeed gets it as a client optimizer), so a run's
+        numerics do not depend on how it is distributed."""
+        t = self.cfg.train
+        return {
+            "g": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas)),
+            "d": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas)),
+        }
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -109,6 +132,10 @@ class Strategy:
             scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    def zero_grad(self, phase: Phase) -> None:
+        """Drop the phase's gradients without stepping (a skipped, non-finite step)."""
+        self.opt[phase].zero_grad(set_to_none=True)
+
     @contextlib.contextmanager
     def frozen_d(self) -> Iterator[None]:
         """D's parameters take no gradient during the G step, so nothing from it leaks into D's update."""
@@ -127,11 +154,36 @@ class Strategy:
     def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         return {k: float(v) for k, v in values.items()}
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on some rank: how ranks agree to stop at the same step."""
+        return flag
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, indexed by rank (picklable values only)."""
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        return obj
+
     def barrier(self) -> None:
         pass
 
+    def sync_buffers(self, modules: list[nn.Module]) -> None:
+        """Make every rank's buffers (BatchNorm running statistics) rank 0's, before they are saved or
+        used for evaluation. Training steps never read them (BN normalises with batch statistics)."""
+
     def close(self) -> None:
         """Orderly shutdown; distributed strategies destroy their process group here."""
+
+    # ---- test hook -------------------------------------------------------------------------------
+
+    def fault_point(self, event: str, step: int) -> None:
+        """Fire the fault `RGAN_FAULT_INJECT` asks for at (`event`, `step`) on this rank, if any."""
+        for fault in self.faults:
+            if fault.event == event and fault.step == step and fault.rank in (None, self.rank) and \
+                    fault.restart == int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+                fault.fire(self.rank)
 
     # ---- checkpoint ----------------------------------------------------------------------------
 
@@ -145,6 +197,7 @@ class Strategy:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "strategy": self.name,
             "G": self.g_module.state_dict(),
             "D": self.d_module.state_dict(),
             "opt_g": self.opt["g"].state_dict(),
@@ -152,7 +205,21 @@ class Strategy:
             "scalers": {p: s.state_dict() for p, s in self.scalers.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def save_sharded(self, directory: Path) -> bool:
+        """Write state that every rank holds a part of (DeepSpeed's ZeRO partitions) into `directory`.
+
+        Called on every rank before rank 0 writes the checkpoint file; returns whether it wrote anything.
+        The plain and DDP strategies hold everything on every rank, so rank 0's file is the whole state."""
+        return False
+
+    def load_state_dict(self, state: dict[str, Any], sharded: Path | None = None) -> None:
+        """Restore `state` (a `state_dict()`); `sharded` is the folder `save_sharded` wrote, if any."""
+        if "opt_g" not in state:
+            from rgan_dist.errors import UsageError
+
+            raise UsageError(
+                f"checkpoint written by dist.strategy={state.get('strategy')!r} keeps its optimizer state in "
+                f"DeepSpeed's folder beside it: resume it with dist.strategy={state.get('strategy')}")
         self.g_module.load_state_dict(state["G"])
         self.d_module.load_state_dict(state["D"])
         self.opt["g"].load_state_dict(state["opt_g"])
@@ -160,6 +227,67 @@ class Strategy:
         for p, s in state.get("scalers", {}).items():
             if p in self.scalers:
                 self.scalers[p].load_state_dict(s)
+
+
+# ---- fault injection (a test hook) -----------------------------------------------------------------
+
+FAULT_ENV = "RGAN_FAULT_INJECT"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected failure: `action` at the end of `step` (event `step`) or while the checkpoint of
+    `step` is half written (event `save`), on `rank` (None: every rank), in torchrun attempt `restart`."""
+
+    action: str
+    event: str
+    step: int
+    rank: int | None = None
+    restart: int = 0
+
+    def fire(self, rank: int) -> None:
+        where = f"{self.event} {self.step} on rank {rank}"
+        if self.action == "raise":
+            raise RuntimeError(f"{FAULT_ENV}: injected failure at {where}")
+        print(f"rgan: {FAULT_ENV}: {self.action} at {where}", flush=True)
+        if self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while self.action == "hang":
+            time.sleep(3600)
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    """Parse `RGAN_FAULT_INJECT`. A test hook, not a feature: tests use it to make a real rank of a real
+    job fail the way production ranks do (an exception, a SIGKILL, a hang), with nothing mocked.
+
+    Grammar: comma-separated `ACTION@STEP[:rankR][:restartN]`; ACTION is `raise`, `kill` or `hang` (at the
+    end of outer step STEP) or `killsave` (SIGKILL while the checkpoint of STEP is written, after the temp
+    file got its bytes and before the rename). Without `:rankR` every rank fires; a fault fires only in
+    torchrun attempt N (TORCHELASTIC_RESTART_COUNT, default 0), so a restarted job does not fail again.
+    Examples: `raise@3:rank1`, `kill@5:rank0`, `killsave@4:rank0`."""
+    from rgan_dist.errors import UsageError
+
+    faults = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        head, *mods = item.split(":")
+        action, sep, step = head.partition("@")
+        rank, restart = None, 0
+        try:
+            if not sep or action not in ("raise", "kill", "hang", "killsave"):
+                raise ValueError
+            for m in mods:
+                if m.startswith("rank"):
+                    rank = int(m[4:])
+                elif m.startswith("restart"):
+                    restart = int(m[7:])
+                else:
+                    raise ValueError
+            event = "save" if action == "killsave" else "step"
+            faults.append(Fault("kill" if action == "killsave" else action, event, int(step), rank, restart))
+        except ValueError:
+            raise UsageError(f"{FAULT_ENV}={spec!r}: expected ACTION@STEP[:rankR][:restartN] with ACTION one of "
+                             "raise, kill, hang, killsave (e.g. raise@3:rank1)") from None
+    return faults
 
 
 def make_strategy(cfg: Config) -> Strategy:

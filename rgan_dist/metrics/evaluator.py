@@ -1,0 +1,255 @@
+"""FID/KID of a generator against the reference statistics of its training data, on every rank.
+
+Used by the training loop every `eval.every` steps (`FidEvaluator`, built by `make_evaluator`) and by
+`rgan eval --checkpoint` (`evaluate_generator`). Both rest on `rgan_dist.metrics.features`: every rank
+generates and embeds its share of the N samples, features are gathered in global order (so the value
+does not depend on the world size), and FID/KID is computed once on rank 0 and broadcast, so every rank
+takes the same best-checkpoint decision.
+
+Reference statistics are those of the data the generator was trained on, as the loop sees it:
+- a shard set: `dataset_stats` (first N images in manifest order, cached beside the manifest);
+- `sklearn:digits`: the very tensor the loop trains on (`load_digits_uint8` at model.resolution), in a
+  fixed shuffled order (the digits come grouped by writer), cached in the user cache folder under the
+  same file name scheme (`stats_cache_name`: network sha256, resize, N) in a folder per resolution.
+
+The latents of evaluation sample i depend only on (train.seed + EVAL_SEED_OFFSET, i // eval.batch_size),
+so every evaluation of a run judges the same N latents (differences between steps are not sampling
+noise) and `rgan eval` on a checkpoint reproduces the value the run logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rgan_dist.errors import UsageError
+from rgan_dist.metrics.features import (
+    broadcast_from_rank0,
+    compare_on_rank0,
+    dataset_stats,
+    gather_rows,
+    generator_stats,
+    network_meta,
+    rank_world,
+    share,
+    stats_cache_name,
+)
+from rgan_dist.metrics.fid import FeatureStats
+from rgan_dist.metrics.inception import FEATURE_DIM, InceptionNetwork, load_inception, resolve_inception
+from rgan_dist.samples import to_uint8
+
+if TYPE_CHECKING:
+    from rgan_dist.config import Config
+    from rgan_dist.tracking import Tracker
+
+EVAL_SEED_OFFSET = 0x5EED
+DIGITS = "sklearn:digits"
+
+
+def _cache_root() -> Path:
+    """The user cache data_pipeline uses too (RGAN_DATA_CACHE, else XDG_CACHE_HOME or ~/.cache)."""
+    env = os.environ.get("RGAN_DATA_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rgan-dist"
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def digits_reference_stats(net: InceptionNetwork, *, resolution: int, num_samples: int, batch_size: int,
+                           keep_features: bool, progress: bool = False) -> FeatureStats:
+    """Statistics of N in-memory training digits at `resolution`, identical on every rank (cached)."""
+    from rgan_dist.data import load_digits_uint8
+
+    images = load_digits_uint8(resolution, channels=1)  # grey: the network sees the channel repeated
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n = min(num_samples, len(images))
+    path = _cache_root() / "fid-reference" / f"sklearn-digits-r{resolution}" / stats_cache_name(net, n)
+    rank, world = rank_world()
+    found = None
+    if rank == 0 and path.is_file():
+        try:
+            loaded = FeatureStats.load(path)
+        except UsageError:
+            loaded = None
+        if loaded is not None and loaded.meta.get("network_sha256") == net.info.sha256 and loaded.n == n \
+                and (loaded.features is not None or not keep_features):
+            found = loaded
+    found = broadcast_from_rank0(found)
+    if found is not None:
+        found.meta["cache"] = str(path)
+        return found
+    lo, hi = share(n, rank, world)
+    feats = [net.embed(images[order[a : min(a + batch_size, hi)]]) for a in range(lo, hi, batch_size)]
+    local = torch.cat(feats) if feats else torch.empty((0, FEATURE_DIM), device=net.device)
+    every = gather_rows(local)
+    meta = {**network_meta(net), "source": DIGITS, "source_kind": "in-memory", "image_resolution": resolution}
+    stats = FeatureStats.from_features(every, meta=meta, keep_features=keep_features)
+    if rank == 0:
+        try:
+            stats.save(path)
+            stats.meta["cache"] = str(path)
+        except OSError as e:  # a read-only cache costs time next run, nothing else
+            print(f"rgan: note: cannot cache FID reference statistics at {path}: {e}", flush=True)
+    return stats
+
+
+def reference_stats(data: str, net: InceptionNetwork, *, resolution: int, num_samples: int, batch_size: int,
+                    keep_features: bool, progress: bool = False) -> FeatureStats:
+    """The training data's reference statistics (module docstring), identical on every rank."""
+    if data.startswith("sklearn:"):
+        if data != DIGITS:
+            raise UsageError(f"data {data!r}: the only embedded data set is {DIGITS}")
+        return digits_reference_stats(net, resolution=resolution, num_samples=num_samples, batch_size=batch_size,
+                                      keep_features=keep_features, progress=progress)
+    return dataset_stats(data, network=net, num_samples=num_samples, batch_size=batch_size,
+                         keep_features=keep_features, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------- generated
+
+
+def sample_fn(generator: torch.nn.Module, z_dim: int) -> Any:
+    """`compute_generator_features`' sample function for a G that maps z ~ N(0, I) to [-1, 1] images."""
+
+    def sample(b: int, gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn(b, z_dim, generator=gen, device=gen.device)
+        return to_uint8(generator(z))
+
+    return sample
+
+
+def evaluate_generator(generator: torch.nn.Module, net: InceptionNetwork, reference: FeatureStats, *,
+                       num_samples: int, z_dim: int, seed: int, batch_size: int, kid: bool,
+                       progress: bool = False) -> dict[str, Any]:
+    """compare_stats' record (fid, kid, n_a, n_b, network_*, resize, ...) for `generator` in eval mode
+    (BatchNorm then uses its running statistics: a sample never depends on its batch), identical on
+    every rank."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        device = next(generator.parameters()).device
+        gen = generator_stats(sample_fn(generator, z_dim), num_samples, batch_size, network=net, device=device,
+                              seed=seed, keep_features=kid, progress=progress)
+    finally:
+        generator.train(was_training)
+    ref = reference if kid or reference.features is None else \
+        FeatureStats(reference.mu, reference.sigma, reference.n, reference.meta)
+    return compare_on_rank0(gen, ref)
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line a reader can compare with a paper: the value, N on both sides, network and resize."""
+    kid = f" KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if result.get("kid") is not None else ""
+    fix = " (covariance eps fix-up applied)" if result.get("fid_fixup") else ""
+    return (f"FID {result['fid']:.4f}{fix}{kid}; N={result['n_a']} generated vs {result['n_b']} real; "
+            f"network {result['network_source']} sha256 {str(result['network_sha256'])[:16]}...; "
+            f"resize {result['resize']} to {result['resolution']}px")
+
+
+# ----------------------------------------------------------------------------------- in training
+
+
+class FidEvaluator:
+    """`evaluator(step, generator)` -> {"fid", "kid", "kid_std", "eval_seconds"}, the same on every rank.
+
+    The network is resolved when the evaluator is built (a missing network fails before training
+    starts) and loaded, with the reference statistics, at the first evaluation."""
+
+    def __init__(self, cfg: Config, *, tracker: Tracker | None = None, inception: str | None = None,
+                 device: torch.device | str = "cpu", progress: bool = True) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.inception_path = inception
+        self.device = torch.device(device)
+        self.progress = progress
+        resolve_inception(inception)
+        self.net: InceptionNetwork | None = None
+        self.reference: FeatureStats | None = None
+        self._ready = False
+        self.records_dir = cfg.out_dir / "fid"
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def num_reference(self) -> int:
+        return self.cfg.eval.reference_samples or self.cfg.eval.num_samples
+
+    def _setup(self) -> None:
+        """Load what is still missing (network, reference statistics), then announce them once: printed
+        with their provenance and set as MLflow tags, so every FID of the run says how it was computed."""
+        t0 = time.perf_counter()
+        e, m = self.cfg.eval, self.cfg.model
+        if self.net is None:
+            self.net = load_inception(self.inception_path, device=self.device)
+        if self.reference is None:
+            self.reference = reference_stats(self.cfg.data.shards, self.net, resolution=m.resolution,
+                                             num_samples=self.num_reference, batch_size=e.batch_size,
+                                             keep_features=e.kid, progress=self.progress)
+        self._ready = True
+        if rank_world()[0] != 0:
+            return
+        cache = self.reference.meta.get("cache")
+        print(f"rgan: FID reference: {self.reference.n} real images of {self.cfg.data.shards} "
+              f"({cache or 'not cached'}; {time.perf_counter() - t0:.1f}s); {self.net.info.summary()}", flush=True)
+        if self.tracker is not None:
+            i = self.net.info
+            self.tracker.set_tags({
+                "fid.network_source": i.source, "fid.network_path": i.path, "fid.network_sha256": i.sha256,
+                "fid.resize": i.resize, "fid.resolution": i.resolution, "fid.num_samples": e.num_samples,
+                "fid.reference_samples": self.reference.n, "fid.reference_data": self.cfg.data.shards,
+                "fid.batch_size": e.batch_size})
+            if self.cfg.tracking.log_fid_stats and cache and Path(cache).is_file():
+                self.tracker.log_artifact(cache, "fid")
+
+    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]:
+        if not self._ready:
+            self._setup()
+        assert self.net is not None and self.reference is not None
+        t0 = time.perf_counter()
+        e = self.cfg.eval
+        result = evaluate_generator(generator, self.net, self.reference, num_samples=e.num_samples,
+                                    z_dim=self.cfg.model.z_dim, seed=self.cfg.train.seed + EVAL_SEED_OFFSET,
+                                    batch_size=e.batch_size, kid=e.kid, progress=self.progress)
+        seconds = time.perf_counter() - t0
+        if rank_world()[0] == 0:
+            self._record(step, result, seconds)
+        metrics = {"fid": float(result["fid"]), "eval_seconds": seconds}
+        if result.get("kid") is not None:
+            metrics.update(kid=float(result["kid"]), kid_std=float(result["kid_std"]))
+        return metrics
+
+    def _record(self, step: int, result: dict[str, Any], seconds: float) -> None:
+        """Print the value with its provenance; keep it as JSON (logged to MLflow under fid/)."""
+        print(f"rgan: step {step}: {describe(result)} [{seconds:.1f}s]", flush=True)
+        info = result.get("fid_info") or {}
+        record = {"step": step, "time": time.time(), "eval_seconds": seconds, "reference_data": self.cfg.data.shards,
+                  **{k: v for k, v in result.items() if k != "fid_info"},
+                  "fid_info": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                               for k, v in info.items()}}
+        self.history.append(record)
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        path = self.records_dir / f"step_{step:07d}.json"
+        path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_artifact(path, "fid")
+
+
+def _jsonable(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else str(v)
+
+
+def make_evaluator(cfg: Config, strategy: Any, tracker: Tracker | None = None) -> FidEvaluator | None:
+    """The loop's default evaluator; None when `eval.every` is 0 (then no network is even looked for)."""
+    if not cfg.eval.every:
+        return None
+    return FidEvaluator(cfg, tracker=tracker, inception=cfg.eval.inception or None, device=strategy.device,
+                        progress=bool(cfg.train.progress) and strategy.is_main)

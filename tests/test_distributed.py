@@ -1,0 +1,379 @@
+"""DDP and DeepSpeed on CPU with gloo: real multi-process jobs under torchrun (and the deepspeed launcher).
+
+Every job runs `python -m torch.distributed.run ... -m launcher train` (or tests/dist_worker.py where a
+test must control the input stream) in its own process group with a timeout; a test fails on a
+non-zero exit unless the failure is what it checks. DeepSpeed jobs are few on purpose: each pays
+DeepSpeed's import and engine set-up (~15-20 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
+from rgan_dist.config import load_config
+from rgan_dist.engine.distributed import LAUNCHER_ENV, deepspeed_config
+from rgan_dist.engine.loop import train
+from rgan_dist.engine.strategy import FAULT_ENV, parse_faults
+from rgan_dist.errors import ConfigError, UsageError
+from rgan_dist.models import build_models
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+TINY = ["model.resolution=16", "model.width=8", "train.batch_size=4", "train.progress=false",
+        "tracking.enabled=false", "train.log_every=1", "train.sample_every=0"]
+# A gradient penalty exercises double backward through the wrapped D; BatchNorm stays in G.
+PENALTY = ["loss.penalty=r1", "model.d_batch_norm=false"]
+ZERO2 = 'dist.deepspeed_config={"zero_optimization": {"stage": 2}}'
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*LAUNCHER_ENV, FAULT_ENV, "TORCHELASTIC_RESTART_COUNT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+_JOB_LOGS = Path(os.environ.get("RGAN_TEST_JOB_LOGS", "")) if os.environ.get("RGAN_TEST_JOB_LOGS") else None
+
+
+def _run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a job in its own session; on timeout kill the whole group (torchrun's workers included).
+    With RGAN_TEST_JOB_LOGS=DIR every job's whole output is also kept there (for post-mortems)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+    if _JOB_LOGS is not None:
+        _JOB_LOGS.mkdir(parents=True, exist_ok=True)
+        (_JOB_LOGS / f"job-{len(list(_JOB_LOGS.iterdir())):03d}-rc{proc.returncode}.log").write_text(
+            " ".join(cmd) + "\n" + out)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def torchrun(out: Path, *overrides: str, nproc: int = 2, launcher_args: tuple[str, ...] = (),
+             timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *launcher_args, "-m", "launcher", "train", "--config", str(DEMO), *TINY, f"run.out_dir={out}",
+           *overrides]
+    return _run(cmd, timeout=timeout, env=env)
+
+
+def _deepspeed_launcher() -> str:
+    """The `deepspeed` script of this interpreter's environment (pyenv shims can point elsewhere)."""
+    script = Path(sysconfig.get_path("scripts")) / "deepspeed"
+    return str(script) if script.is_file() else "deepspeed"
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
+    return proc.stdout
+
+
+def ckpt(out: Path, step: int) -> dict:
+    return load_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt")
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    for part in ("G", "D"):
+        assert a["model"][part].keys() == b["model"][part].keys()
+        for k, v in a["model"][part].items():
+            assert torch.equal(v, b["model"][part][k]), f"{part}.{k} differs"
+    for k, v in a["ema"]["module"].items():
+        assert torch.equal(v, b["ema"]["module"][k]), f"EMA {k} differs"
+    assert [r["data"] for r in a["ranks"]] == [r["data"] for r in b["ranks"]]
+    assert [r["fingerprint"] for r in a["ranks"]] == [r["fingerprint"] for r in b["ranks"]]
+
+
+def assert_ranks_identical(state: dict, world: int) -> None:
+    """Each rank hashed its own G, D and EMA parameters at save time: the hashes must all be equal."""
+    ranks = state["ranks"]
+    assert len(ranks) == world == state["world_size"]
+    assert {"G", "D", "EMA"} <= set(ranks[0]["fingerprint"])
+    assert all(r["fingerprint"] == ranks[0]["fingerprint"] for r in ranks)
+    # ...while each rank kept its own noise stream and data slice.
+    assert len({bytes(r["rng"]["gen"].numpy()) for r in ranks}) == world
+
+
+# ---- fast checks (no processes) --------------------------------------------------------------------
+
+def test_deepspeed_config_is_validated_before_any_process_starts(tmp_path):
+    def cfg(spec: str, *extra: str):
+        return load_config(None, ["dist.strategy=deepspeed", f"dist.deepspeed_config={spec}", *extra])
+
+    out = deepspeed_config(cfg('{"zero_optimization": {"stage": 2}}', "train.batch_size=4"), world_size=8)
+    assert out["train_micro_batch_size_per_gpu"] == 4 and out["train_batch_size"] == 32
+    assert out["gradient_clipping"] == 0.0 and out["zero_optimization"]["stage"] == 2
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 1}, "gradient_clipping": 2.0}')
+    out = deepspeed_config(cfg(str(tmp_path / "ds.json")), world_size=1)
+    assert out["zero_optimization"]["stage"] == 1 and out["gradient_clipping"] == 2.0
+    for shipped in sorted((ROOT / "configs" / "deepspeed").glob("*.json")):
+        deepspeed_config(cfg(str(shipped)), world_size=2)
+    bad = [('{"zero_optimization": {"stage": 3}}', "stage=3 not supported"),
+           ('{"optimizer": {"type": "Adam"}}', "'optimizer' is decided by rgan-dist"),
+           ('{"bf16": {"enabled": true}}', "train.precision=bf16"),
+           ('{"train_micro_batch_size_per_gpu": 7}', "contradicts the run"),
+           ('{"zero_optimization": ', "does not parse"),
+           (str(tmp_path / "missing.json"), "no such file")]
+    for spec, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            deepspeed_config(cfg(spec), world_size=2)
+    # The global batch needs the launcher's world size, so that one check waits for the strategy.
+    with pytest.raises(ConfigError, match="train_batch_size=8 contradicts the run"):
+        deepspeed_config(cfg('{"train_batch_size": 8}', "train.batch_size=4"), world_size=4)
+    with pytest.raises(ConfigError, match="fp16: not supported with dist.strategy=deepspeed"):
+        cfg("", "train.precision=fp16")
+    with pytest.raises(ConfigError, match="sync_batchnorm=true: only with dist.strategy=ddp"):
+        load_config(None, ["dist.sync_batchnorm=true"])
+    # A YAML mapping (also `key={...}` on the command line) is kept as JSON text.
+    inline = load_config(None, ["dist.strategy=deepspeed", ZERO2]).dist.deepspeed_config
+    assert inline == '{"zero_optimization": {"stage": 2}}'
+
+
+def test_fault_spec_parsing():
+    f = parse_faults("raise@3:rank1, kill@5:rank0:restart1,killsave@4,hang@2")
+    assert [(x.action, x.event, x.step, x.rank, x.restart) for x in f] == [
+        ("raise", "step", 3, 1, 0), ("kill", "step", 5, 0, 1), ("kill", "save", 4, None, 0),
+        ("hang", "step", 2, None, 0)]
+    for spec in ("boom@3", "raise", "raise@x", "raise@3:node1"):
+        with pytest.raises(UsageError, match="ACTION@STEP"):
+            parse_faults(spec)
+
+
+def test_sidecar_folders_are_pruned_with_their_checkpoint(tmp_path):
+    m = CheckpointManager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        m.sidecar(step).mkdir(parents=True)
+        m.save(step, {"step": step})
+    m.sidecar(4).mkdir()  # a DeepSpeed folder whose .pt was never written (job killed mid-save)
+    (tmp_path / ".ckpt-00000004.pt.tmp-999999").write_bytes(b"torn")
+    m.sidecar(5).mkdir()
+    m.save(5, {"step": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-00000003.ds", "ckpt-00000003.pt", "ckpt-00000005.ds", "ckpt-00000005.pt", "latest"]
+    assert m.sidecar_of(m.latest()) == m.sidecar(5)
+
+
+# ---- DDP -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_world_of_one_as_a_plain_process(tmp_path):
+    """No launcher, no RANK/MASTER_* variables: strategy=ddp fills them in and runs as world size 1."""
+    proc = _run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY, "dist.strategy=ddp",
+                 "train.steps=2", f"run.out_dir={tmp_path}"], timeout=120)
+    assert "strategy ddp x1" in ok(proc)
+    assert_ranks_identical(ckpt(tmp_path, 2), world=1)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_identical_resume_exact_and_loads_single_process(tmp_path, capsys):
+    straight = ok(torchrun(tmp_path / "a", "dist.strategy=ddp", *PENALTY, "train.steps=6", "checkpoint.every=3"))
+    assert "strategy ddp x2" in straight
+    ok(torchrun(tmp_path / "b", "dist.strategy=ddp", *PENALTY, "train.steps=3"))
+    resumed = ok(torchrun(tmp_path / "b", "dist.strategy=ddp", *PENALTY, "train.steps=6", "--resume", "auto"))
+    assert "resumed from" in resumed and "at step 3" in resumed
+    a, b = ckpt(tmp_path / "a", 6), ckpt(tmp_path / "b", 6)
+    assert_ranks_identical(a, world=2)
+    assert_same_training_state(a, b)  # bitwise: 3 + 3 steps == 6 straight, on every rank's stream
+    for opt in ("opt_g", "opt_d"):
+        for i, s in a["model"][opt]["state"].items():
+            assert torch.equal(s["exp_avg_sq"], b["model"][opt]["state"][i]["exp_avg_sq"])
+    # A DDP checkpoint has the plain module keys: single-process code loads it strictly.
+    cfg = load_config(DEMO, TINY)
+    m = cfg.model
+    G, D = build_models(m.arch, resolution=m.resolution, z_dim=m.z_dim, width=m.width, max_width=m.max_width,
+                        channels=m.channels, spectral_norm=m.spectral_norm, g_batch_norm=m.g_batch_norm,
+                        d_batch_norm=False, pack=m.pack)
+    G.load_state_dict(a["model"]["G"])
+    D.load_state_dict(a["model"]["D"])
+    assert not any(k.startswith("module.") for k in a["model"]["G"])
+    # ...and a single process resumes training from it (2 ranks -> 1: weights and optimizers exactly; the
+    # noise and data order restart from a new seed, as the printed warning says).
+    single = train(load_config(DEMO, [*TINY, *PENALTY, f"run.out_dir={tmp_path / 'single'}", "train.steps=7",
+                                      f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'ckpt-00000006.pt'}"]))
+    assert single.step == 7 and load_checkpoint(single.checkpoint)["world_size"] == 1
+    assert "written by 2 rank(s), this job has 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
+    """Same global stream of reals and noise, split over 2 ranks (B=4 each) or whole on one process (B=8).
+    No BatchNorm (its statistics are per-rank by design) and per-sample losses (rsgan + r1), so the two
+    runs compute the same averaged gradients up to float summation order. Tolerance: after 5 steps the
+    weights agree to atol 1e-6 + rtol 1e-5 (measured: max abs difference ~4e-9)."""
+    common = ["loss.name=rsgan", "loss.penalty=r1", "model.g_batch_norm=false", "model.d_batch_norm=false",
+              "train.steps=5", "train.ema=0.9"]
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "equiv",
+             str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
+    ok(_run([sys.executable, worker, "equiv", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ddp, single = torch.load(tmp_path / "equiv-ddp-2.pt"), torch.load(tmp_path / "equiv-single-1.pt")
+    for part in ("G", "D", "EMA"):
+        for k, v in single[part].items():
+            torch.testing.assert_close(ddp[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_restarts_from_latest_checkpoint_and_finishes(tmp_path):
+    """The README's recipe: --max-restarts, --resume auto, and torchrun's store not shared with the workers
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; with the shared store a restart can read the dead attempt's
+    addresses, pytorch#135712: about one restart in two failed here without it)."""
+    env = _env(**{FAULT_ENV: "kill@5:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=8", "checkpoint.every=2", "--resume", "auto",
+                    launcher_args=("--max-restarts=1",), env=env)
+    out = ok(proc)
+    assert "rgan: warning" not in out
+    assert "kill at step 5 on rank 1" in out
+    assert "resumed from" in out and "ckpt-00000004.pt at step 4" in out
+    final = ckpt(tmp_path, 8)
+    assert final["step"] == 8 and CheckpointManager(tmp_path / "checkpoints").latest().name == "ckpt-00000008.pt"
+    assert_ranks_identical(final, world=2)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
+    proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=8", "checkpoint.every=2",
+                    env=_env(**{FAULT_ENV: "killsave@4:rank0"}))
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "kill at save 4 on rank 0" in proc.stdout
+    d = tmp_path / "checkpoints"
+    assert (d / "latest").read_text() == "ckpt-00000002.pt"
+    assert not (d / "ckpt-00000004.pt").exists()
+    assert list(d.glob(".ckpt-00000004.pt.tmp-*")), "the kill should have hit a half-written temp file"
+    state = load_checkpoint(CheckpointManager(d).latest())
+    assert state["step"] == 2 and len(state["ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_together(tmp_path):
+    """Two torchrun agents (`--nnodes 2 --node_rank 0/1`, one worker each) meet through c10d rendezvous."""
+    port = _free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=rgan-test", f"--rdzv_conf=is_host={int(rank == 0)}", "-m", "launcher", "train",
+               "--config", str(DEMO), *TINY, "dist.strategy=ddp", "train.steps=3", f"run.out_dir={tmp_path}"]
+        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    nodes = [node(0), node(1)]
+    outs = []
+    try:
+        for p in nodes:
+            outs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for p, out in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert "strategy ddp x2" in "".join(outs)
+    assert_ranks_identical(ckpt(tmp_path, 3), world=2)
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_ends_the_job_with_its_traceback(tmp_path):
+    proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=200", "dist.timeout_s=60",
+                    env=_env(**{FAULT_ENV: "raise@3:rank1"}), timeout=120)
+    assert proc.returncode != 0
+    assert "RuntimeError: RGAN_FAULT_INJECT: injected failure at step 3 on rank 1" in proc.stdout
+    assert "rank      : 1" in proc.stdout  # torchrun's failure summary names the rank (via @record)
+    assert not (tmp_path / "checkpoints" / "ckpt-00000200.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
+    proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=200", "dist.timeout_s=5",
+                    env=_env(**{FAULT_ENV: "hang@2:rank1"}), timeout=120)
+    assert proc.returncode != 0
+    assert "hang at step 2 on rank 1" in proc.stdout
+    assert "imeout" in proc.stdout or "imed out" in proc.stdout, proc.stdout[-3000:]
+
+
+# ---- DeepSpeed --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_deepspeed_g_step_gradients_never_reach_d(tmp_path):
+    """Plain process (world of one, no launcher variables), ZeRO-0/1/2, fp32 and bf16: a D update after a
+    G step equals the same D update without one; the control (D not frozen) shows the check can fail."""
+    ok(_run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), "leak", str(tmp_path)], timeout=240))
+    results = torch.load(tmp_path / "leak.pt")
+    assert [(r["stage"], r["precision"]) for r in results] == [(0, "fp32"), (1, "bf16"), (2, "fp32")]
+    for r in results:
+        assert r["no_grad_on_d_after_g_step"] and r["d_equal_with_and_without_g_step"], r
+        assert r["control_grad_on_d"] and (r["control"] == "differs" or r["control"].startswith("raised")), r
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_ranks_identical_resume_exact_and_matches_ddp(tmp_path):
+    """Straight run under the deepspeed launcher, the split run under torchrun. Exact (bitwise) resume on
+    CPU: DeepSpeed restores each rank's fp32 optimizer partition, and the arithmetic is deterministic."""
+    port = _free_port()
+    straight = _run([_deepspeed_launcher(), "--num_gpus=2", f"--master_port={port}", "--no_local_rank", "--module",
+                     "launcher", "train", "--config", str(DEMO), *TINY, f"run.out_dir={tmp_path / 'a'}",
+                     "dist.strategy=deepspeed", ZERO2, *PENALTY, "train.steps=6", "checkpoint.every=3",
+                     "checkpoint.keep=1"], timeout=240)
+    assert "strategy deepspeed x2" in ok(straight)
+    ok(torchrun(tmp_path / "b", "dist.strategy=deepspeed", ZERO2, *PENALTY, "train.steps=3", timeout=240))
+    resumed = ok(torchrun(tmp_path / "b", "dist.strategy=deepspeed", ZERO2, *PENALTY, "train.steps=6",
+                          "--resume", "auto", timeout=240))
+    assert "at step 3" in resumed
+    a, b = ckpt(tmp_path / "a", 6), ckpt(tmp_path / "b", 6)
+    assert_ranks_identical(a, world=2)
+    assert_same_training_state(a, b)
+    # Both halves of a checkpoint exist, and keep-K pruned both halves of the older one.
+    d = tmp_path / "a" / "checkpoints"
+    assert a["sharded"] == "ckpt-00000006.ds" and a["model"]["zero_stage"] == 2
+    assert sorted(p.name for p in (d / "ckpt-00000006.ds" / "D").glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert not (d / "ckpt-00000003.pt").exists() and not (d / "ckpt-00000003.ds").exists()
+    # Same config under DDP: same maths, so the same weights up to float summation order.
+    ok(torchrun(tmp_path / "ddp", "dist.strategy=ddp", *PENALTY, "train.steps=6"))
+    c = ckpt(tmp_path / "ddp", 6)
+    for part in ("G", "D"):
+        for k, v in c["model"][part].items():
+            torch.testing.assert_close(a["model"][part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+
+
+def test_restart_pitfalls_are_warned_about():
+    from rgan_dist.engine.distributed import restart_warnings
+
+    cfg = load_config(None, ["dist.strategy=ddp"])
+    assert restart_warnings(cfg, {}) == []
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    warnings = restart_warnings(cfg, shared)
+    assert len(warnings) == 2
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in warnings[0] and "--resume auto" in warnings[1]
+    resumed = load_config(None, ["dist.strategy=ddp", "checkpoint.resume=auto"])
+    assert restart_warnings(resumed, {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) == []
+
+
+@pytest.mark.slow
+def test_compiled_models_with_a_gradient_penalty(tmp_path):
+    """aot_autograd cannot double-backward: the penalty's forward runs eager (`d_penalty`), the rest compiled."""
+    proc = _run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY, *PENALTY,
+                 "train.compile=true", "train.steps=2", f"run.out_dir={tmp_path}"], timeout=300)
+    ok(proc)
+    assert ckpt(tmp_path, 2)["step"] == 2
