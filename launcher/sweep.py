@@ -1,0 +1,77 @@
+"""`rgan sweep --config FILE [--address auto]`: a Ray Tune sweep of training runs (rgan_dist.sweep).
+
+Also the script `ray submit` runs on a cluster's head node, where `rgan` may not be on PATH:
+    ray submit launcher/cluster/aws-gpu.yaml launcher/sweep.py -- \
+        --config configs/sweeps/paper_cifar10.yaml --address auto
+A relative `--config` that does not exist in the working directory is looked up in the source checkout
+the package was installed from (in the Docker image: /opt/rgan-dist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="sweep file (configs/sweeps/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a key of the base training config for every trial")
+    p.add_argument("--address", help="Ray cluster to join ('auto': the cluster of this node, e.g. under ray submit); "
+                                     "default: start a local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
+    p.add_argument("--name", help="sweep name (default: the file's `name:`); a new name starts a new sweep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep of this name after its driver died (Tune restores every trial)")
+    p.add_argument("--dry-run", action="store_true", help="check the sweep file and print the trials' space, then exit")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output (0: quiet)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rgan_dist.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.config, args.overrides, name=args.name)
+    if args.dry_run:
+        from rgan_dist.sweep import describe_trial, planned_trials
+
+        trials = planned_trials(spec)
+        print(f"rgan sweep: {spec.path} is valid: sweep {spec.name!r}, {len(trials)} trial(s) over "
+              f"{', '.join(spec.varied_keys)}; scheduler {spec.scheduler.name}; {spec.resources.workers} "
+              f"worker(s) per trial")
+        for i, trial in enumerate(trials):
+            print(f"  {i:03d}  " + "  ".join(f"{k}={v}" for k, v in describe_trial(trial).items()))
+        print(f"rgan sweep: results would go to {spec.out_dir} (Ray experiment {spec.experiment_path})")
+        return 0
+    result = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, resume=args.resume,
+                       verbose=args.verbose)
+    print()
+    print(result.table)
+    print()
+    print(f"rgan sweep: results in {', '.join(str(p) for p in result.files)}")
+    print(f"rgan sweep: Ray experiment {result.experiment_path} (continue it with --resume)")
+    if result.parent_run_id:
+        print(f"rgan sweep: MLflow parent run {result.parent_run_id}; compare the trials with: "
+              f"rgan report --experiment {spec.base_config.tracking.experiment}")
+    failed = [r for r in result.rows if r.outcome in ("error", "no report")]
+    return 1 if result.rows and len(failed) == len(result.rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python launcher/sweep.py ...` (what `ray submit` runs), the same as `rgan sweep ...`."""
+    from rgan_dist.errors import UsageError
+
+    p = argparse.ArgumentParser(prog="rgan sweep", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"rgan sweep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rgan sweep: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

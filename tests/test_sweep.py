@@ -1,0 +1,347 @@
+"""`rgan sweep`: sweep files are checked before Ray starts; on a local Ray (2 CPUs) the smoke sweep runs
+4 real trials with real FIDs, ASHA stops the bad ones, MLflow nests the trials under one parent run, a
+failing trial resumes from its checkpoint, a killed driver's sweep continues, and a multi-worker trial
+runs DDP through Ray Train. The paper's numbers are data, matched to trials by their config."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import sweep as sweep_cli
+from rgan_dist.config import Config
+from rgan_dist.errors import ConfigError, UsageError
+from rgan_dist.paper_reference import beside_paper, get_table, paper_fid
+from rgan_dist.sweep import (
+    SWEEP_FAULT_ENV,
+    FaultOnce,
+    load_sweep,
+    make_scheduler,
+    planned_trials,
+    run_sweep,
+    trial_overrides,
+    trial_run_name,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS = ROOT / "configs" / "sweeps"
+DEMO = ROOT / "configs" / "demo.yaml"
+
+# The smoke sweep's tiny trial, for the sweeps the tests write themselves.
+TINY = {
+    "model.resolution": 16, "model.width": 8, "model.z_dim": 16, "train.batch_size": 16, "train.steps": 20,
+    "train.log_every": 5, "train.sample_every": 0, "train.ema": 0.0, "eval.every": 10, "eval.num_samples": 8,
+    "eval.batch_size": 8, "eval.kid": False, "data.workers": 0, "tracking.log_checkpoints": "none",
+}
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    data = {"base": str(DEMO), "overrides": dict(TINY), "space": {"loss.name": "rsgan"}, **fields}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def mlflow_runs(db: Path, experiment: str) -> tuple:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment} in {db}"
+    return client, client.search_runs([exp.experiment_id])
+
+
+# ---------------------------------------------------------------------------------------- the files
+
+
+def test_shipped_sweeps_are_valid_and_plan_the_documented_trials():
+    counts = {p.stem: len(planned_trials(load_sweep(p))) for p in sorted(SWEEPS.glob("*.yaml"))}
+    assert counts == {"smoke": 4, "paper_cifar10": 20, "paper_cat": 21}
+
+
+def test_paper_cifar10_sweep_is_table_1():
+    """Every loss variant of Table 1 under both setups; each trial finds its paper cell by config."""
+    spec = load_sweep(SWEEPS / "paper_cifar10.yaml")
+    base = spec.base_config.flat()
+    table = get_table("cifar10")
+    variants = {row["variant"] for row in table.rows}
+    found = {}
+    for trial in planned_trials(spec):
+        params = {**base, **trial_overrides(trial)}
+        cell = paper_fid("cifar10", params)
+        found[(trial["variant"]["label"], trial["setup"]["label"])] = cell
+    assert {v for v, _ in found} == variants and len(found) == 20
+    with_values = {k: c for k, c in found.items() if c is not None}
+    expected = sum(len(row["fid"]) for row in table.rows)
+    assert len(with_values) == expected == 16
+    assert found[("RSGAN-GP", "lr2e-4-nD1")].fid == 25.60   # the headline: RSGAN-GP with n_D = 1 ...
+    assert found[("WGAN-GP", "lr1e-4-nD5")].fid == 27.81    # ... against WGAN-GP with n_D = 5
+    assert found[("RaSGAN", "lr1e-4-nD5")] is None          # not run by the paper in that setup
+    assert spec.scheduler.name == "fifo" and spec.base_config.eval.num_samples == 50000
+
+
+def test_paper_cat_sweep_matches_the_official_readme():
+    spec = load_sweep(SWEEPS / "paper_cat.yaml")
+    base = spec.base_config.flat()
+    cells = {}
+    for trial in planned_trials(spec):
+        params = {**base, **trial_overrides(trial)}
+        cells[(trial["variant"]["label"], trial["size"]["label"])] = paper_fid("cat", params)
+        assert Path(params["data.shards"]).is_absolute()  # trials run in other folders and on other nodes
+    assert [cells[("RaLSGAN", s)].fid for s in ("64x64", "128x128", "256x256")] == [11.97, 15.85, 35.21]
+    assert cells[("SGAN-SN", "256x256")].fid == 54.73 and cells[("SGAN", "256x256")].text() == "failed"
+    assert cells[("WGAN-GP", "256x256")].text() == ">100"
+    assert cells[("SGAN-SN", "64x64")] is None
+
+
+def test_paper_reference_reads_mlflow_string_params():
+    params = {"loss.name": "rpgan", "loss.penalty": "wgan-gp", "train.lr_g": "0.0001", "train.lr_d": "0.0001",
+              "train.betas": "[0.5, 0.9]", "train.n_dis": "5"}
+    assert paper_fid("cifar10", params).fid == 28.13  # rpgan is rsgan
+    assert paper_fid("cifar10", {**params, "train.betas": "[0.5, 0.999]"}) is None  # another setup: no value
+    assert paper_fid("cifar10", {**params, "loss.name": "rchinge"}) is None
+    text = beside_paper([("ours", params, 30.5), ("other", {**params, "train.n_dis": "2"}, None)], "cifar10")
+    assert "| ours | RSGAN-GP | lr 1e-4, betas (.5,.9), n_D=5 | 30.50 | 28.13 |" in text
+    assert "| other | rsgan + wgan-gp | (not in the paper's table) | – | – |" in text
+    with pytest.raises(UsageError, match="paper table 'mnist'"):
+        paper_fid("mnist", params)
+
+
+BAD = {
+    "unknown top key": ({"schedule": {"name": "asha"}}, "unknown key 'schedule'"),
+    "unknown config key": ({"space": {"train.lr": {"grid": [1e-4]}}}, "space.train.lr: unknown config key"),
+    "unknown distribution": ({"space": {"train.lr_d": {"between": [1e-4, 1e-3]}}}, "expected one of grid, choice"),
+    "loguniform at zero": ({"space": {"train.lr_d": {"loguniform": [0, 1e-3]}}}, "loguniform needs low > 0"),
+    "value out of range": ({"space": {"train.lr_d": {"grid": [2e-4, -1.0]}}}, "train.lr_d=-1.0: must be > 0.0"),
+    "group of scalars": ({"space": {"setup": {"grid": [1, 2]}}}, "each entry of a group is a mapping"),
+    "contradicting grid": ({"overrides": {**TINY, "model.resolution": 32},
+                            "space": {"model.arch": {"grid": ["dcgan", "cnn32"]},
+                                      "model.resolution": {"grid": [16, 32]}}},
+                           "grid combination {'model.arch': 'cnn32', 'model.resolution': 16}"),
+    "no evaluation": ({"overrides": {**TINY, "eval.every": 0}}, "set eval.every > 0"),
+    "grace off the eval grid": ({"scheduler": {"name": "asha", "grace_period": 5}}, "not a multiple of eval.every"),
+    "pbt changes shapes": ({"scheduler": {"name": "pbt", "mutations": {"model.width": [8, 16]}}},
+                           "PBT can change only"),
+    "several workers, one process": ({"resources": {"workers": 2}}, "needs dist.strategy ddp or deepspeed"),
+    "unknown scheduler": ({"scheduler": {"name": "hyperband"}}, "choose one of fifo, asha, pbt"),
+    "unknown paper table": ({"paper": "mnist"}, "paper: 'mnist' unknown"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_sweep_files_fail_before_ray_with_one_line(tmp_path, case):
+    fields, message = BAD[case]
+    path = write_sweep(tmp_path / "bad.yaml", **fields)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    text = str(e.value)
+    assert message in text and "bad.yaml" in text and "\n" not in text
+
+
+def test_cli_turns_a_bad_sweep_into_exit_code_2(tmp_path, capsys):
+    path = write_sweep(tmp_path / "bad.yaml", space={"train.lr": 1e-4})
+    assert sweep_cli.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rgan sweep: error: ") and "train.lr" in err and err.count("\n") == 1
+
+
+def test_trial_config_groups_labels_and_hooks():
+    config = {"loss.name": "rsgan", "setup": {"label": "fast", "train.lr_d": 1e-3, "train.n_dis": 2}}
+    assert trial_overrides(config) == {"loss.name": "rsgan", "train.lr_d": 1e-3, "train.n_dis": 2}
+    assert trial_run_name("s", "ab12c_00007", config) == "s-007-rsgan-fast"
+    assert FaultOnce("raise@3:trial7", "ab12c_00007", Path("/nonexistent")).step == 3
+    assert FaultOnce("raise@3:trial2", "ab12c_00007", Path("/nonexistent")).step is None
+    with pytest.raises(UsageError, match=SWEEP_FAULT_ENV):
+        FaultOnce("kill@3", "ab12c_00007", Path("/nonexistent"))
+
+
+def test_schedulers_use_generator_steps(tmp_path):
+    asha = make_scheduler(load_sweep(SWEEPS / "smoke.yaml"))
+    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("step", 20, 2)
+    path = write_sweep(tmp_path / "pbt.yaml", scheduler={
+        "name": "pbt", "perturbation_interval": 10, "mutations": {"train.lr_d": {"loguniform": [1e-4, 1e-2]},
+                                                                  "train.n_dis": [1, 2]}})
+    pbt = make_scheduler(load_sweep(path))
+    assert pbt._time_attr == "step" and pbt._perturbation_interval == 10
+    assert set(pbt._hyperparam_mutations) == {"train.lr_d", "train.n_dis"}
+
+
+# ------------------------------------------------------------------------------------- on local Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_smoke_sweep_on_local_ray(ray_local, tmp_path, monkeypatch, capsys):
+    """4 trials, each with an FID; ASHA stops the too-small learning rates at step 10; MLflow holds a
+    parent run and 4 nested child runs with what a single `rgan train` run logs."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--config", str(SWEEPS / "smoke.yaml"), "--verbose", "0"]) == 0
+    out_dir = tmp_path / "runs" / "sweeps" / "smoke"
+    rows = json.loads((out_dir / "results.json").read_text())
+    assert len(rows) == 4
+    assert all(r["best_fid"] is not None and math.isfinite(r["best_fid"]) for r in rows)
+    assert [r["best_fid"] for r in rows] == sorted(r["best_fid"] for r in rows)
+    stopped = [r for r in rows if r["outcome"] == "stopped early"]
+    completed = [r for r in rows if r["outcome"] == "completed"]
+    assert stopped and all(r["step"] == 10 for r in stopped), rows
+    assert completed and all(r["step"] == 20 for r in completed) and len(stopped) + len(completed) == 4
+    # The too-small learning rate leaves G untrained: both reach step 10 after the others set the bar there.
+    assert all(r in stopped for r in rows if r["params"]["setup"] == "lr-1e-6"), rows
+    printed = capsys.readouterr().out
+    assert "| # | trial | loss.name | setup | best FID |" in printed and f"| 1 | {rows[0]['name']} |" in printed
+
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-smoke")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert parent.data.tags["rgan.sweep"] == "smoke" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_fid"] == pytest.approx(rows[0]["best_fid"])
+    assert {"results.md", "results.csv", "smoke.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    by_trial = {r["trial_id"]: r for r in rows}
+    for child in children:
+        row = by_trial[child.data.tags["rgan.sweep.trial_id"]]
+        assert set(child.data.params) == set(Config().flat())          # the params of a single run
+        assert child.data.params["loss.name"] == row["params"]["loss.name"]
+        fids = client.get_metric_history(child.info.run_id, "fid")
+        assert [m.step for m in sorted(fids, key=lambda m: m.step)] == list(range(10, row["step"] + 1, 10))
+        assert min(m.value for m in fids) == pytest.approx(row["best_fid"])
+        assert {"config.yaml", "fid"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert child.data.tags["rgan.sweep.outcome"] == row["outcome"] and child.info.status == "FINISHED"
+        assert row["mlflow_run_id"] == child.info.run_id
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
+    """The trial raises once at step 15 (after its checkpoint at 10): Tune retries it, it resumes at
+    step 10 (not 0) and completes at step 20, logging into the same MLflow run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(SWEEP_FAULT_ENV, "raise@15")
+    path = write_sweep(tmp_path / "fault.yaml", name="fault", max_failures=1,
+                       overrides={**TINY, "tracking.experiment": "rgan-sweep-fault"})
+    result = run_sweep(load_sweep(path), verbose=0)
+    (row,) = result.rows
+    assert (row.outcome, row.step, row.restored_from_step, row.error) == ("completed", 20, 10, "")
+    trial_dir = tmp_path / "runs" / "sweeps" / "fault" / "trials" / row.trial_id
+    assert (trial_dir / ".fault-raise-15.fired").is_file()
+    records = [json.loads(line) for line in (trial_dir / "metrics.jsonl").read_text().splitlines()]
+    # the failed attempt raised at 15 before logging it; the retry resumed at 10 (not 0)
+    assert [r["step"] for r in records if "d_loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if "fid" in r] == [10, 20]
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-fault")
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.info.status == "FINISHED" and child.data.tags.get("rgan.resumed") == "true"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "fid")) == [10, 20]
+
+
+@pytest.mark.slow
+def test_a_sweep_continues_after_its_driver_is_killed(ray_local, tmp_path, monkeypatch):
+    """SIGKILL the driver (another process on the same Ray) once the first trial has reported; `--resume`
+    restores the experiment: both trials end at their last step, under the same MLflow parent run."""
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "resume.yaml", name="resume", max_concurrent_trials=1,
+                       space={"loss.name": {"grid": ["rsgan", "rasgan"]}},
+                       overrides={**TINY, "tracking.experiment": "rgan-sweep-resume"})
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "launcher.sweep", "--config", str(path), "--address", address,
+                               "--verbose", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    out_dir = tmp_path / "runs" / "sweeps" / "resume"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out_dir.glob("trial_*/checkpoint_*")):
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no trial reported in time"
+            time.sleep(0.5)
+        time.sleep(2)  # let Tune write its experiment state once more
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    assert not (out_dir / "results.json").exists()  # the sweep did not finish
+    parent_id = json.loads((out_dir / "sweep.json").read_text())["parent_run_id"]
+    with pytest.raises(UsageError, match="pass --resume"):
+        run_sweep(load_sweep(path), verbose=0)
+    result = run_sweep(load_sweep(path), resume=True, verbose=0)
+    assert [r.step for r in result.rows] == [20, 20] and {r.outcome for r in result.rows} == {"completed"}
+    assert result.parent_run_id == parent_id
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-resume")
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.slow
+def test_a_multi_worker_trial_runs_ddp_through_ray_train(ray_local, tmp_path, monkeypatch):
+    """resources.workers: 2 -> the trial builds a TorchTrainer (Train V2) whose two workers train with the
+    DDP strategy on Ray's gloo process group and report FID back to Tune."""
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "ddp.yaml", name="ddp", resources={"workers": 2, "cpus_per_worker": 0.5},
+                       overrides={**TINY, "train.batch_size": 8, "train.steps": 10, "eval.every": 10,
+                                  "dist.strategy": "ddp", "tracking.experiment": "rgan-sweep-ddp"})
+    result = run_sweep(load_sweep(path), verbose=0)
+    (row,) = result.rows
+    assert (row.outcome, row.step) == ("completed", 10) and row.best_fid is not None
+    config = yaml.safe_load((tmp_path / "runs/sweeps/ddp/trials" / row.trial_id / "config.yaml").read_text())
+    assert config["dist"]["strategy"] == "ddp"
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-ddp")
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.data.tags["rgan.world_size"] == "2" and child.data.tags["rgan.strategy"] == "ddp"
+
+
+def test_command_line_overrides_beat_the_sweep_file():
+    spec = load_sweep(SWEEPS / "smoke.yaml", ["train.steps=40", "eval.num_samples=16"])
+    assert (spec.base_config.train.steps, spec.base_config.eval.num_samples) == (40, 16)  # the file says 20, 8
+    assert make_scheduler(spec)._max_t == 40
+    with pytest.raises(ConfigError, match="overrides.train.step: unknown config key"):
+        load_sweep(SWEEPS / "smoke.yaml", ["train.step=40"])
+
+
+@pytest.mark.slow
+def test_pbt_restarts_the_worse_trial_from_the_better_ones_checkpoint(ray_local, tmp_path, monkeypatch):
+    """Synchronous PBT, 2 trials: at step 10 the untrained one (lr_d 1e-6) takes the other's checkpoint and
+    a perturbed copy of its lr_d, which its optimizer really uses from then on."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "pbt.yaml", name="pbt", max_concurrent_trials=2,
+                       space={"train.lr_d": {"grid": [5.0e-2, 1.0e-6]}, "train.lr_g": 5.0e-2},
+                       scheduler={"name": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5,
+                                  "resample_probability": 0.0, "synch": True,
+                                  "mutations": {"train.lr_d": {"loguniform": [1.0e-4, 1.0e-1]}}},
+                       overrides={**TINY, "tracking.experiment": "rgan-sweep-pbt"})
+    result = run_sweep(load_sweep(path), verbose=0)
+    assert [r.step for r in result.rows] == [20, 20] and all(r.outcome == "completed" for r in result.rows)
+    exploited = next(r for r in result.rows if r.trial_id.endswith("_00001"))
+    assert exploited.restored_from_step == 10
+    new_lr = exploited.overrides["train.lr_d"]
+    assert new_lr == pytest.approx(0.04) or new_lr == pytest.approx(0.06)  # 0.05 x 0.8 or x 1.2
+    ckpt_dir = tmp_path / "runs/sweeps/pbt/trials" / exploited.trial_id / "checkpoints"
+    state = torch.load(ckpt_dir / (ckpt_dir / "latest").read_text(), weights_only=True)
+    assert state["step"] == 20 and state["model"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(new_lr)
+
+
+def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_address(capsys):
+    from rgan_dist.sweep import _cluster_uri
+
+    uri = _cluster_uri("http://localhost:5000")
+    assert uri.startswith("http://") and uri.endswith(":5000") and "localhost" not in uri
+    assert _cluster_uri("http://mlflow.example.org:5000") == "http://mlflow.example.org:5000"
+    assert _cluster_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert "trials on other nodes cannot log to it" in capsys.readouterr().err
