@@ -17,7 +17,7 @@
 #            bf16 + R1 penalty; the test suite's `-m gpu` tests
 #         D  torch.compile on/off at 64 (then 128 if time is left), bf16 + channels_last
 #       Prints a markdown table; with $OUT set also writes $OUT/gpu_results.md and $OUT/gpu_check.log.
-#   GPU_CHECK_PARTS=BC runs only those parts (default ABCD).
+#   GPU_CHECK_PARTS=BC runs only those parts (default ABCDE; E = our loop vs a plain loop, benchmarks/step_time.py).
 #   Plumbing dry run anywhere: GPU_CHECK_DEVICE=cpu GPU_CHECK_BUDGET_S=200 bash benchmarks/gpu_check.sh
 #       (CUDA-only checks then fail as rows, which is the point: every failure is a row, never the end).
 set -uo pipefail
@@ -39,7 +39,7 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
 fi
 
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
-PARTS=${GPU_CHECK_PARTS:-ABCD}
+PARTS=${GPU_CHECK_PARTS:-ABCDE}
 START=$(date +%s)
 RES=$(mktemp)
 ENVF=$(mktemp)

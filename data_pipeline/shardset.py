@@ -255,7 +255,9 @@ def opener(url: str) -> Callable[[], IO[bytes]]:
     )
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """The project's user cache (RGAN_DATA_CACHE, else XDG_CACHE_HOME or ~/.cache, then /rgan-dist): the
+    digits shards here, FID reference statistics of in-memory data in rgan_dist.metrics."""
     env = os.environ.get("RGAN_DATA_CACHE")
     if env:
         return Path(env)
@@ -271,7 +273,7 @@ def digits_shards(resolution: int) -> Path:
     """
     from data_pipeline.writer import write_shards
 
-    root = _cache_root()
+    root = cache_root()
     final = root / f"sklearn-digits-r{resolution}-v{DIGITS_CACHE_VERSION}"
     if (final / MANIFEST).is_file():
         return final

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from rgan_dist.errors import UsageError
@@ -80,7 +79,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         _positive(name, value)
     if args.reference_samples is not None and args.reference_samples < 0:
         raise UsageError(f"--reference-samples={args.reference_samples}: must be >= 0")
-    path = _checkpoint_path(args.checkpoint)
+    from rgan_dist.checkpoint import checkpoint_path
+
+    path = checkpoint_path(args.checkpoint, what="--checkpoint")
     state = load_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != "rgan-dist/1" or "config" not in state:
         raise UsageError(f"checkpoint {args.checkpoint!r}: not an rgan-dist training checkpoint")
@@ -119,21 +120,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         return result
     finally:
         strategy.close()
-
-
-def _checkpoint_path(given: str) -> Path:
-    """A file as given; a folder: its newest rolling checkpoint (the `latest` pointer)."""
-    from rgan_dist.checkpoint import CheckpointManager
-
-    path = Path(given).expanduser()
-    if path.is_dir():
-        found = CheckpointManager(path).latest()
-        if found is None:
-            raise UsageError(f"--checkpoint {given!r}: folder holds no ckpt-*.pt; name a file such as best.pt")
-        return found
-    if not path.is_file():
-        raise UsageError(f"--checkpoint {given!r}: no such file or folder")
-    return path
 
 
 def _process_group(cfg: Any) -> Any:

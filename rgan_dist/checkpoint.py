@@ -126,15 +126,20 @@ class CheckpointManager:
             return None
         if resume == "auto":
             return self.latest()
-        path = Path(resume)
-        if path.is_dir():
-            found = CheckpointManager(path).latest()
-            if found is None:
-                raise UsageError(f"checkpoint.resume={resume!r}: folder holds no ckpt-*.pt checkpoint")
-            return found
-        if not path.is_file():
-            raise UsageError(f"checkpoint.resume={resume!r}: no such file; give a path, a folder, or 'auto'")
-        return path
+        return checkpoint_path(resume, what="checkpoint.resume", allowed="a path, a folder, or 'auto'")
+
+
+def checkpoint_path(given: str, *, what: str, allowed: str = "a file such as best.pt, or a folder") -> Path:
+    """A checkpoint file as given, or the newest one (`latest`) of a checkpoint folder; else one clear line."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        found = CheckpointManager(path).latest()
+        if found is None:
+            raise UsageError(f"{what}={given!r}: folder holds no ckpt-*.pt checkpoint; give {allowed}")
+        return found
+    if not path.is_file():
+        raise UsageError(f"{what}={given!r}: no such file; give {allowed}")
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -843,26 +843,14 @@ class ParentRun:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        from rgan_dist.tracking import bound_http_retries, git_state, package_versions
+        from rgan_dist.tracking import bound_http_retries, experiment_id, git_state, package_versions
 
         bound_http_retries()
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = spec.base_config.tracking.experiment
         self.state = spec.out_dir / STATE_FILE
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            try:
-                exp_id = self.client.create_experiment(self.experiment, artifact_location=(
-                    str(Path(artifact_root) / self.experiment) if artifact_root else None))
-            except Exception:
-                found = self.client.get_experiment_by_name(self.experiment)
-                if found is None:
-                    raise
-                exp_id = found.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        self.experiment_id = exp_id = experiment_id(self.client, self.experiment, artifact_root)
         previous = self._previous() if resume else None
         if previous:
             self.run_id = previous

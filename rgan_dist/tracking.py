@@ -49,6 +49,22 @@ _WORKER_THREAD = "rgan-mlflow"
 CLOSE_TIMEOUT_S = 600.0  # the longest a job waits at exit for queued uploads (checkpoints) to finish
 
 
+def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> str:
+    """The id of MLflow experiment `name`, created (artifacts under `artifact_root/name`) if missing;
+    safe when another job creates it between our look-up and our create."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=str(Path(artifact_root) / name) if artifact_root else None)
+    except Exception:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class Tracker:
     """Does nothing: the tracker of every rank but 0, and of runs with tracking disabled."""
 
@@ -287,19 +303,7 @@ class MlflowTracker(JsonlTracker):
         from mlflow import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
-        exp = self._client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            try:
-                exp_id = self._client.create_experiment(self.experiment, artifact_location=(
-                    str(Path(self.artifact_root) / self.experiment) if self.artifact_root else None))
-            except Exception:  # another job created it between our get and create
-                found = self._client.get_experiment_by_name(self.experiment)
-                if found is None:
-                    raise
-                exp_id = found.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        self.experiment_id = exp_id
+        self.experiment_id = exp_id = experiment_id(self._client, self.experiment, self.artifact_root)
         previous = self._previous_run()
         if previous is not None:
             self.run_id = previous

@@ -10,11 +10,12 @@
 # Every other dependency is pinned by requirements/constraints.txt (the Dockerfile uses the same file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python || command -v python3)}"   # python3-only systems too
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 extra="${1:-}"
 index=()
 [ -n "${TORCH_INDEX_URL:-}" ] && index=(--index-url "$TORCH_INDEX_URL")
-python -m pip install --disable-pip-version-check -q "$TORCH_SPEC" "${index[@]}"
-python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -e ".${extra:+[$extra]}"
+"$PY" -m pip install --disable-pip-version-check -q "$TORCH_SPEC" "${index[@]}"
+"$PY" -m pip install --disable-pip-version-check -q -c requirements/constraints.txt -e ".${extra:+[$extra]}"
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
-python -c "import torch, rgan_dist; print(f'rgan-dist {rgan_dist.__version__} with torch {torch.__version__}')"
+"$PY" -c "import torch, rgan_dist; print(f'rgan-dist {rgan_dist.__version__} with torch {torch.__version__}')"

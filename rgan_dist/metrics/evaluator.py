@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,15 +52,6 @@ EVAL_SEED_OFFSET = 0x5EED
 DIGITS = "sklearn:digits"
 
 
-def _cache_root() -> Path:
-    """The user cache data_pipeline uses too (RGAN_DATA_CACHE, else XDG_CACHE_HOME or ~/.cache)."""
-    env = os.environ.get("RGAN_DATA_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rgan-dist"
-
-
 # ------------------------------------------------------------------------------------------ reference
 
 
@@ -73,7 +63,9 @@ def digits_reference_stats(net: InceptionNetwork, *, resolution: int, num_sample
     images = load_digits_uint8(resolution, channels=1)  # grey: the network sees the channel repeated
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     n = min(num_samples, len(images))
-    path = _cache_root() / "fid-reference" / f"sklearn-digits-r{resolution}" / stats_cache_name(net, n)
+    from data_pipeline.shardset import cache_root
+
+    path = cache_root() / "fid-reference" / f"sklearn-digits-r{resolution}" / stats_cache_name(net, n)
     rank, world = rank_world()
     found = None
     if rank == 0 and path.is_file():

@@ -253,7 +253,7 @@ class InceptionNetwork:
         self.device = device
         self.feature_dim = FEATURE_DIM
         # channels_last input: 1.28x faster on a 16-core CPU (oneDNN's layout), 0.9x on an H100 in
-        # fp32, so CPU only (benchmarks/RESULTS_fid.md).
+        # fp32, so CPU only (benchmarks/RESULTS.md, FID section).
         self.channels_last = device.type == "cpu"
 
     def to(self, device: str | torch.device) -> InceptionNetwork:
