@@ -252,19 +252,22 @@ class Fault:
         print(f"rgan: {FAULT_ENV}: {self.action} at {where}", flush=True)
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.action == "term":  # a real pre-emption notice: the loop's own SIGTERM handler takes it
+            os.kill(os.getpid(), signal.SIGTERM)
         while self.action == "hang":
             time.sleep(3600)
 
 
 def parse_faults(spec: str) -> list[Fault]:
     """Parse `RGAN_FAULT_INJECT`. A test hook, not a feature: tests use it to make a real rank of a real
-    job fail the way production ranks do (an exception, a SIGKILL, a hang), with nothing mocked.
+    job fail the way production ranks do (an exception, a SIGKILL, a SIGTERM, a hang), with nothing mocked.
 
-    Grammar: comma-separated `ACTION@STEP[:rankR][:restartN]`; ACTION is `raise`, `kill` or `hang` (at the
-    end of outer step STEP) or `killsave` (SIGKILL while the checkpoint of STEP is written, after the temp
-    file got its bytes and before the rename). Without `:rankR` every rank fires; a fault fires only in
+    Grammar: comma-separated `ACTION@STEP[:rankR][:restartN]`; ACTION is `raise`, `kill`, `term` (SIGTERM
+    to the own process, as a scheduler's pre-emption notice) or `hang` (at the end of outer step STEP) or
+    `killsave` (SIGKILL while the checkpoint of STEP is written, after the temp file got its bytes and
+    before the rename). Without `:rankR` every rank fires; a fault fires only in
     torchrun attempt N (TORCHELASTIC_RESTART_COUNT, default 0), so a restarted job does not fail again.
-    Examples: `raise@3:rank1`, `kill@5:rank0`, `killsave@4:rank0`."""
+    Examples: `raise@3:rank1`, `kill@5:rank0`, `term@5:rank1`, `killsave@4:rank0`."""
     from rgan_dist.errors import UsageError
 
     faults = []
@@ -273,7 +276,7 @@ def parse_faults(spec: str) -> list[Fault]:
         action, sep, step = head.partition("@")
         rank, restart = None, 0
         try:
-            if not sep or action not in ("raise", "kill", "hang", "killsave"):
+            if not sep or action not in ("raise", "kill", "term", "hang", "killsave"):
                 raise ValueError
             for m in mods:
                 if m.startswith("rank"):
@@ -286,7 +289,7 @@ def parse_faults(spec: str) -> list[Fault]:
             faults.append(Fault("kill" if action == "killsave" else action, event, int(step), rank, restart))
         except ValueError:
             raise UsageError(f"{FAULT_ENV}={spec!r}: expected ACTION@STEP[:rankR][:restartN] with ACTION one of "
-                             "raise, kill, hang, killsave (e.g. raise@3:rank1)") from None
+                             "raise, kill, term, hang, killsave (e.g. raise@3:rank1)") from None
     return faults
 
 
