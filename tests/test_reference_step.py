@@ -222,7 +222,7 @@ def test_flips_are_drawn_per_image_from_the_run_generator(tmp_path):
 
 
 def test_ema_follows_the_ramp(tmp_path):
-    """decay 0.3 against the ramp (1+n)/(10+n) = 0.18, 0.25, 0.31, 0.33: the ramp wins for two updates,
+    """decay 0.3 against the ramp (1+n)/(10+n) = 0.18, 0.25, 0.31, 0.36: the ramp wins for two updates,
     the configured decay after that."""
     trainer, _ = check_against_reference(tmp_path, "loss.name=rasgan", "train.ema=0.3", steps=4)
     assert trainer.ema.num_updates == 4
