@@ -84,7 +84,8 @@ def digits_reference_stats(net: InceptionNetwork, *, resolution: int, num_sample
     feats = [net.embed(images[order[a : min(a + batch_size, hi)]]) for a in range(lo, hi, batch_size)]
     local = torch.cat(feats) if feats else torch.empty((0, FEATURE_DIM), device=net.device)
     every = gather_rows(local)
-    meta = {**network_meta(net), "source": DIGITS, "source_kind": "in-memory", "image_resolution": resolution}
+    meta = {**network_meta(net), "source": DIGITS, "source_kind": "in-memory", "image_resolution": resolution,
+            "data_resolution": 8, "image_format": "in-memory"}
     stats = FeatureStats.from_features(every, meta=meta, keep_features=keep_features)
     if rank == 0:
         try:
@@ -103,8 +104,9 @@ def reference_stats(data: str, net: InceptionNetwork, *, resolution: int, num_sa
             raise UsageError(f"data {data!r}: the only embedded data set is {DIGITS}")
         return digits_reference_stats(net, resolution=resolution, num_samples=num_samples, batch_size=batch_size,
                                       keep_features=keep_features, progress=progress)
+    # decoded at the model's resolution with the training reader's fit/resize: the reals the model saw
     return dataset_stats(data, network=net, num_samples=num_samples, batch_size=batch_size,
-                         keep_features=keep_features, progress=progress)
+                         keep_features=keep_features, progress=progress, resolution=resolution)
 
 
 # ----------------------------------------------------------------------------------------- generated
