@@ -71,6 +71,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from rgan_dist.checkpoint import load_checkpoint
     from rgan_dist.config import config_from_dict
+    from rgan_dist.ema import recalibrate_for
     from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, evaluate_generator, reference_stats
     from rgan_dist.metrics.inception import load_inception
     from rgan_dist.models import build_models
@@ -106,6 +107,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         use_ema = ema is not None and not args.no_ema
         G.load_state_dict(ema["module"] if use_ema else state["model"]["G"])
         G.to(strategy.device)
+        if use_ema:  # its saved BatchNorm statistics may be the live G's: recompute them as the run did
+            recalibrate_for(G, cfg)
         net = load_inception(args.inception or e.inception or None, device=strategy.device)
         ref = reference_stats(data, net, resolution=m.resolution, num_samples=n_ref, batch_size=batch,
                               keep_features=kid, progress=progress)

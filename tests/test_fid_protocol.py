@@ -139,3 +139,85 @@ def test_rewritten_shards_recompute_the_reference_statistics(tmp_path):
     third = reference_stats(str(shards), net, resolution=16, num_samples=n, batch_size=5, keep_features=False)
     assert net.module.seen == 4 * n
     np.testing.assert_allclose(third.mu, fresh.mu, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ EMA generator's BatchNorm statistics
+
+TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
+        "train.progress=false", "tracking.enabled=false", "train.sample_every=0", "checkpoint.every=0",
+        "train.ema=0.9", "eval.batch_size=16"]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    from rgan_dist.config import load_config
+
+    return load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}/run", *extra])
+
+
+def _norms(G: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _bn_inputs(G: nn.Module, z: torch.Tensor, *, train_mode: bool) -> list[torch.Tensor]:
+    """The input of every BatchNorm layer of G for latents z, as [batches, C, values] (hooks on a copy:
+    train mode would update G's own running statistics)."""
+    import copy
+
+    G = copy.deepcopy(G)
+    norms, seen = _norms(G), {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, i=i: seen.setdefault(i, []).append(inp[0].detach()))
+             for i, m in enumerate(norms)]
+    G.train(train_mode)
+    try:
+        with torch.no_grad():
+            for chunk in z.split(z.shape[0] if not train_mode else 16):
+                G(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.stack([x.transpose(0, 1).flatten(1) for x in seen[i]]) for i in range(len(norms))]
+
+
+def test_ema_generator_is_evaluated_with_batch_norm_statistics_of_its_own_weights(tmp_path):
+    """After training steps, the EMA G handed to the evaluator (and drawn in the sample grid) has the
+    BatchNorm statistics of its own activations, not the live G's copies."""
+    from rgan_dist.engine.loop import Trainer
+
+    judged: dict[str, nn.Module] = {}
+
+    def evaluator(step: int, generator: nn.Module) -> dict[str, float]:
+        import copy
+
+        judged["G"] = copy.deepcopy(generator)
+        return {"fid": 1.0}
+
+    cfg = _cfg(tmp_path, "train.steps=30", "eval.every=30")
+    trainer = Trainer(cfg, evaluator=evaluator)
+    trainer.fit()
+    G, live = judged["G"], trainer.s.g_module
+    norms = _norms(G)
+    assert norms
+
+    # 1. in eval mode over fresh latents, each layer's input has the running statistics' mean and variance
+    fresh = torch.randn(2048, cfg.model.z_dim, generator=torch.Generator().manual_seed(7))
+    for m, x in zip(norms, _bn_inputs(G, fresh, train_mode=False), strict=True):
+        x = x[0]
+        ratio = float((m.running_var / x.var(1)).mean())
+        assert 0.95 < ratio < 1.05, ratio  # the live G's copies: 1.3 and 1.6 here
+        assert float(((m.running_mean - x.mean(1)).abs() / x.std(1)).mean()) < 0.02
+    # 2. exactly: the cumulative average of train-mode batch statistics over the recalibration latents
+    from rgan_dist.ema import BN_SEED_OFFSET
+
+    n_batches = [m.num_batches_tracked.item() for m in norms]
+    gen = torch.Generator().manual_seed(cfg.train.seed + BN_SEED_OFFSET)
+    z = torch.cat([torch.randn(16, cfg.model.z_dim, generator=gen) for _ in range(n_batches[0])])
+    for m, x in zip(norms, _bn_inputs(G, z, train_mode=True), strict=True):
+        torch.testing.assert_close(m.running_mean, x.mean(2).mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.running_var, x.var(2).mean(0), rtol=1e-4, atol=1e-5)
+    # 3. not the live G's statistics
+    for m, m_live in zip(norms, _norms(live), strict=True):
+        assert not torch.allclose(m.running_var, m_live.running_var, rtol=0.02)
+    # 4. the sample grid draws the same recalibrated EMA G
+    trainer.save_samples()
+    for m, m_ema in zip(norms, _norms(trainer.ema.module), strict=True):
+        torch.testing.assert_close(m.running_var, m_ema.running_var)
