@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from rgan_dist.errors import UsageError
 from rgan_dist.metrics.evaluator import reference_stats
 from rgan_dist.metrics.features import STATS_PREFIX, dataset_stats
 from rgan_dist.metrics.fid import FeatureStats
@@ -98,7 +99,7 @@ def test_reference_of_32px_shards_for_a_16px_model_uses_16px_reals_decoded_the_t
     seen = FeatureStats.from_features(net.embed(batch))
     np.testing.assert_allclose(ref.mu, seen.mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ref.sigma, seen.sigma, rtol=1e-4, atol=1e-6)
-    assert ref.n == n and ref.meta["image_resolution"] == 16 and ref.meta["data_resolution"] == 32
+    assert ref.n == n and ref.meta["image_resolution"] == 16 and ref.meta["stored_resolution"] == 32
 
     native = dataset_stats(str(shards), network=net, num_samples=n, cache=False)  # 32 px, as stored
     assert np.abs(native.mu - seen.mu).max() > 1e-3
@@ -221,3 +222,93 @@ def test_ema_generator_is_evaluated_with_batch_norm_statistics_of_its_own_weight
     trainer.save_samples()
     for m, m_ema in zip(norms, _norms(trainer.ema.module), strict=True):
         torch.testing.assert_close(m.running_var, m_ema.running_var)
+
+
+# --------------------------------------------------------------------------------- sampling mode
+
+
+def test_paper_presets_use_the_papers_sampling_and_other_protocols_get_no_paper_value():
+    from rgan_dist.config import load_config
+    from rgan_dist.paper_reference import beside_paper, paper_fid
+
+    c = load_config(ROOT / "configs" / "paper" / "cifar10.yaml", ["loss.name=rsgan", "loss.penalty=wgan-gp"])
+    assert (c.eval.g_mode, c.eval.batch_size) == ("train", 100)
+    for name in ("cat64", "cat128", "cat256"):
+        cat = load_config(ROOT / "configs" / "paper" / f"{name}.yaml")
+        assert (cat.eval.g_mode, cat.eval.batch_size) == ("train", 100)
+    params = c.flat()
+    assert paper_fid("cifar10", params).fid == 25.60
+    for other in ({"eval.g_mode": "eval"}, {"eval.batch_size": 50}):
+        assert paper_fid("cifar10", {**params, **other}) is None
+    assert paper_fid("cifar10", {k: v for k, v in params.items() if k != "eval.g_mode"}) is None  # unknown
+    text = beside_paper([("ours", {**params, "eval.g_mode": "eval"}, 30.0)], "cifar10")
+    assert "| ours | rsgan + wgan-gp | (FID protocol differs from the paper's: eval.g_mode=train" in text
+    assert "25.60" not in text
+
+
+def test_train_mode_sampling_uses_batch_statistics_and_leaves_running_statistics_alone():
+    from rgan_dist.metrics.evaluator import digits_reference_stats, evaluate_generator
+    from rgan_dist.models import build_models
+
+    torch.manual_seed(3)
+    G, _ = build_models("dcgan", resolution=16, z_dim=16, width=8, channels=1)
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            G(torch.randn(8, 16) * 3 + 1)
+    G.eval()
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    net = _net()
+    ref = digits_reference_stats(net, resolution=16, num_samples=12, batch_size=6, keep_features=False)
+    kw = dict(num_samples=12, z_dim=16, seed=1, batch_size=6, kid=False)
+    in_eval = evaluate_generator(G, net, ref, **kw, g_mode="eval", ema=False)
+    in_train = evaluate_generator(G, net, ref, **kw, g_mode="train", ema=False)
+    assert not G.training
+    for k, v in G.state_dict().items():  # running statistics untouched by train-mode sampling
+        assert torch.equal(v, before[k]), k
+    assert in_train["fid"] != pytest.approx(in_eval["fid"], rel=1e-3)  # batch statistics: another G output
+    assert (in_train["g_mode"], in_train["g_batch_size"], in_eval["g_mode"]) == ("train", 6, "eval")
+    again = evaluate_generator(G, net, ref, **kw, g_mode="train", ema=False)
+    assert again["fid"] == in_train["fid"]  # deterministic: same latents, same batches
+    with pytest.raises(UsageError, match="g_mode"):
+        evaluate_generator(G, net, ref, **kw, g_mode="sample")
+
+
+# ----------------------------------------------------------------------------- recorded protocol
+
+
+def test_every_fid_value_is_logged_with_its_protocol(tmp_path, monkeypatch):
+    """metrics.jsonl's FID record and the MLflow run carry N, network sha256, resize, G mode, EMA, the
+    resolution the reals were decoded at and the shards' image format."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from rgan_dist.engine.loop import train
+    from rgan_dist.metrics.evaluator import FidEvaluator
+
+    shards = _shards(tmp_path / "imgs", tmp_path / "shards", _images(24, 32, seed=0))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(tmp_path, "train.steps=2", "eval.every=2", "eval.num_samples=6", "eval.batch_size=3",
+               "eval.reference_samples=8", "eval.g_mode=train", "model.channels=3", "data.workers=0",
+               f"data.shards={shards}", "tracking.enabled=true", f"tracking.mlflow_uri={uri}")
+
+    class StandIn(FidEvaluator):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg, progress=False, inception=None)
+            self.net = _net()
+
+    import rgan_dist.metrics.evaluator as ev
+
+    monkeypatch.setattr(ev, "resolve_inception", lambda path=None: None)  # the stand-in needs no weights file
+    train(cfg, evaluator=StandIn(cfg))
+    (record,) = [r for r in map(json.loads, (cfg.out_dir / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    p = record["context"]
+    assert (p["fid.num_samples"], p["fid.reference_samples"]) == ("6", "8")
+    assert p["fid.network_sha256"] == "c" * 64 and p["fid.resize"] == "tf1-bilinear"
+    assert (p["fid.g_mode"], p["fid.g_batch_size"], p["fid.ema"]) == ("train", "3", "True")
+    assert (p["fid.data_resolution"], p["fid.stored_resolution"], p["fid.image_format"]) == ("16", "32", "png")
+    assert len(p["fid.reference_dataset_sha256"]) == 64
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert p.items() <= run.data.tags.items()
+    assert run.data.params["eval.g_mode"] == "train"

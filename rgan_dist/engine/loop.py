@@ -278,8 +278,8 @@ class Trainer:
             self.ema.recalibrated(self.cfg)  # same seed on every rank; then rank 0's buffers win anyway
         self.s.sync_buffers(self._buffered_modules())
         result = self.evaluator(self.step, G)
-        if result:
-            self.tracker.log_metrics(result, self.step)
+        if result:  # with the protocol the value was computed under, when the evaluator says it
+            self.tracker.log_metrics(result, self.step, context=getattr(self.evaluator, "protocol", None))
         fid = result.get("fid")
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid

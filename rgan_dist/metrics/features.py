@@ -361,7 +361,7 @@ def dataset_identity(src: ImageSource, resolution: int | None = None) -> dict[st
     else:
         return None
     digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
-    return {"dataset_sha256": digest, "data_resolution": manifest.get("resolution"),
+    return {"dataset_sha256": digest, "stored_resolution": manifest.get("resolution"),
             "image_format": manifest.get("format"), "image_resolution": resolution}
 
 
