@@ -203,10 +203,15 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise UsageError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
 
 
-def _clear_old_output(out: Path, name: str) -> None:
-    """--overwrite removes only what a shard writer produced: the manifest and its shards.
+# Files that consumers cache beside a shard set and that describe its content (FID reference statistics
+# are written as `fid-stats_*.npz`): stale once the shards are rewritten, so the writer removes them.
+DERIVED_FILE_RE = re.compile(r"^fid-stats_.*\.npz$")
 
-    Anything else a user keeps in the folder (notes, cached FID statistics) stays.
+
+def _clear_old_output(out: Path, name: str) -> None:
+    """--overwrite removes what a shard writer produced (the manifest and its shards) and the files
+    derived from those shards (`DERIVED_FILE_RE`: cached statistics of the old images would otherwise be
+    taken for the new ones). Anything else a user keeps in the folder (notes) stays.
     """
     if not out.is_dir():
         return
@@ -220,7 +225,8 @@ def _clear_old_output(out: Path, name: str) -> None:
     except (OSError, ValueError, AttributeError):
         pass
     pattern = re.compile(rf"^{re.escape(name)}-\d{{6}}\.tar(\.partial)?$")
-    doomed.update(p for p in out.iterdir() if pattern.match(p.name) or p.name.endswith(".tar.partial"))
+    doomed.update(p for p in out.iterdir()
+                  if pattern.match(p.name) or p.name.endswith(".tar.partial") or DERIVED_FILE_RE.match(p.name))
     for p in doomed:
         if p.is_file():
             p.unlink()

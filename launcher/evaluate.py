@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="generator/Inception batch per rank (default: eval.batch_size)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of its EMA copy")
+    p.add_argument("--g-mode", choices=("eval", "train"),
+                   help="sample with G in eval mode (running statistics) or train mode (batch statistics, the "
+                        "paper's protocol) (default: the run's eval.g_mode)")
     p.add_argument("--no-kid", action="store_true", help="skip KID (it keeps all features in memory)")
     p.add_argument("--seed", type=int, help="latent seed (default: the one in-training evaluation used)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -61,6 +64,9 @@ def format_result(r: dict[str, Any]) -> str:
               f"network  {r['network_source']}: {r['network_path']}{known}",
               f"sha256   {r['network_sha256']}",
               f"resize   {r['resize']} to {r['resolution']}x{r['resolution']}",
+              f"G mode   {r['g_mode']} (batches of {r['g_batch_size']})",
+              f"reals    decoded at {r['data_resolution']}px from {r['image_format']} "
+              f"(stored at {r['stored_resolution']}px; data sha256 {r['reference_dataset_sha256']})",
               f"reference statistics {r['reference_path'] or '(not cached)'}"]
     return "\n".join(lines)
 
@@ -71,6 +77,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from rgan_dist.checkpoint import load_checkpoint
     from rgan_dist.config import config_from_dict
+    from rgan_dist.ema import recalibrate_for
     from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, evaluate_generator, reference_stats
     from rgan_dist.metrics.inception import load_inception
     from rgan_dist.models import build_models
@@ -106,11 +113,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
         use_ema = ema is not None and not args.no_ema
         G.load_state_dict(ema["module"] if use_ema else state["model"]["G"])
         G.to(strategy.device)
+        if use_ema:  # its saved BatchNorm statistics may be the live G's: recompute them as the run did
+            recalibrate_for(G, cfg)
         net = load_inception(args.inception or e.inception or None, device=strategy.device)
         ref = reference_stats(data, net, resolution=m.resolution, num_samples=n_ref, batch_size=batch,
                               keep_features=kid, progress=progress)
         result = evaluate_generator(G, net, ref, num_samples=n, z_dim=m.z_dim, seed=seed, batch_size=batch,
-                                    kid=kid, progress=progress)
+                                    kid=kid, progress=progress, g_mode=args.g_mode or e.g_mode, ema=use_ema)
         if strategy.rank != 0:
             return None
         result.pop("fid_info", None)

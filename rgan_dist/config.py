@@ -127,7 +127,11 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = _f(0, "Steps between FID evaluations (0: never during training).", min=0)
     num_samples: int = _f(10_000, "Generated samples per FID (the paper: 50k).", min=2)
-    batch_size: int = _f(100, "Generator/Inception batch per rank during evaluation.", min=1)
+    batch_size: int = _f(100, "Generator/Inception batch per rank during evaluation (with g_mode train also the "
+                              "BatchNorm batch: the paper's code sampled in batches of 100).", min=1)
+    g_mode: str = _f("eval", "Mode G samples FID images in: eval (BatchNorm running statistics, a sample never "
+                             "depends on its batch) or train (batch statistics, as the paper's official code; "
+                             "running statistics are left untouched).", choices=("eval", "train"))
     use_ema: bool = _f(True, "Evaluate the EMA generator (if train.ema > 0).")
     kid: bool = _f(True, "Also compute KID.")
     reference_samples: int = _f(0, "Real images in the FID reference statistics (0: eval.num_samples), capped at "

@@ -5,7 +5,9 @@ correction is a one-line data change. A run is matched to a cell by its resolved
 as typed values (a `Config.flat()` dict, a sweep trial's overrides) or as MLflow's string params
 (`"0.0002"`, `"[0.5, 0.999]"`): the loss variant picks the row, the hyperparameters pick the column
 (setup). A run that differs from every setup of the table (e.g. another learning rate) has no paper
-value, which is the honest answer: its FID is not comparable with the paper's.
+value, which is the honest answer: its FID is not comparable with the paper's. The same holds for the
+FID protocol: every table names the evaluation keys of the paper's own sampling (`protocol`: G in train
+mode, batches of 100), and a run evaluated another way (e.g. `eval.g_mode=eval`) matches no cell.
 
 Which table a run belongs to (CIFAR-10, CAT at 64/128/256) is not guessed from a data path: it is named
 explicitly (`rgan sweep` reads `paper:` from the sweep file and tags every run with `rgan.paper_table`).
@@ -53,6 +55,7 @@ class PaperTable:
     setups: dict[str, dict[str, Any]]
     rows: list[dict[str, Any]] = field(default_factory=list)
     num_samples: int | None = None
+    protocol: dict[str, Any] = field(default_factory=dict)  # evaluation keys a run must share to match
 
 
 @lru_cache(maxsize=4)
@@ -69,7 +72,8 @@ def load_reference(path: str | Path | None = None) -> dict[str, PaperTable]:
     for name, t in raw.items():
         setups = {k: dict(v) for k, v in t.get("setups", {}).items()}
         out[name] = PaperTable(name=name, title=t.get("title", name), source=t.get("source", ""), setups=setups,
-                               rows=list(t.get("rows", [])), num_samples=t.get("num_samples"))
+                               rows=list(t.get("rows", [])), num_samples=t.get("num_samples"),
+                               protocol=dict(t.get("protocol", {})))
     return out
 
 
@@ -120,19 +124,24 @@ def _loss(params: Mapping[str, Any]) -> tuple[str, str]:
     return LOSS_ALIASES.get(name, name), penalty
 
 
+def _matches(keys: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    return all(k in params and _same(params[k], v) for k, v in keys.items() if k != "label")
+
+
 def paper_fid(table: str, params: Mapping[str, Any]) -> PaperCell | None:
     """The paper's value for a run with these (flat, dotted) config values, or None when the run's
     loss variant or hyperparameters are not in the table. A key the run does not carry does not match."""
     t = get_table(table)
+    if not _matches(t.protocol, params):
+        return None  # sampled another way than the paper: not comparable, whatever the setup
     loss, penalty = _loss(params)
-    setup = next((name for name, keys in t.setups.items()
-                  if all(k in params and _same(params[k], v) for k, v in keys.items() if k != "label")), None)
+    setup = next((name for name, keys in t.setups.items() if _matches(keys, params)), None)
     if setup is None:
         return None
     for row in t.rows:
         if (LOSS_ALIASES.get(row["loss.name"], row["loss.name"]), row.get("loss.penalty", "none")) != (loss, penalty):
             continue
-        if not all(k in params and _same(params[k], v) for k, v in row.get("match", {}).items()):
+        if not _matches(row.get("match", {}), params):
             continue
         value = row.get("fid", {}).get(setup)
         if value is None:
@@ -158,7 +167,9 @@ def beside_paper(runs: Iterable[tuple[str, Mapping[str, Any], float | None]], ta
         if cell is None:
             loss, penalty = _loss(params)
             variant = loss if penalty == "none" else f"{loss} + {penalty}"
-            lines.append(f"| {name} | {variant} | (not in the paper's table) | {ours} | – |")
+            where = "(not in the paper's table)" if _matches(t.protocol, params) else \
+                "(FID protocol differs from the paper's: " + ", ".join(f"{k}={v}" for k, v in t.protocol.items()) + ")"
+            lines.append(f"| {name} | {variant} | {where} | {ours} | – |")
         else:
             lines.append(f"| {name} | {cell.variant} | {cell.setup_label} | {ours} | {cell.text()} |")
     if t.num_samples:

@@ -71,8 +71,9 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
+    def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
+        """`context`: strings that say how the values were obtained (e.g. the FID protocol); they go in
+        the same JSONL record (key `context`) and become MLflow tags."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
@@ -92,8 +93,10 @@ class JsonlTracker(Tracker):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+    def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
+        record: dict[str, Any] = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        if context:
+            record["context"] = {k: str(v) for k, v in context.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -231,8 +234,10 @@ class MlflowTracker(JsonlTracker):
         items = {k: _param_value(v) for k, v in params.items()}
         self._enqueue(lambda: self._log_params(items))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        super().log_metrics(metrics, step)
+    def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
+        super().log_metrics(metrics, step, context)
+        if context:
+            self.set_tags(context)
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

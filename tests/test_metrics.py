@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 import socket
 from pathlib import Path
 
@@ -541,9 +542,11 @@ def test_reference_stats_cached_beside_manifest(tiny_net, tmp_path, monkeypatch)
     shard_dir = tmp_path / "shards"
     write_shards([str(folder)], shard_dir, 16, fmt="png", shard_size=4, shuffle=False, progress=False)
     first = dataset_stats(str(shard_dir), network=tiny_net, num_samples=8)
-    cache = shard_dir / stats_cache_name(tiny_net, 8)
-    assert cache.is_file() and first.meta["cache"] == str(cache)
-    assert cache.name == f"fid-stats_{tiny_net.info.sha256[:16]}_299px_tf1-bilinear_n8.npz"
+    cache = Path(first.meta["cache"])
+    assert cache.is_file() and cache.parent == shard_dir
+    assert cache.name == stats_cache_name(tiny_net, 8, first.meta)
+    assert re.fullmatch(rf"fid-stats_{tiny_net.info.sha256[:16]}_299px_tf1-bilinear_rnative_d[0-9a-f]{{12}}_n8\.npz",
+                        cache.name)
     assert FeatureStats.load(cache).meta["network_sha256"] == tiny_net.info.sha256
 
     def must_not_compute(*a, **k):

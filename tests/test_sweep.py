@@ -104,7 +104,7 @@ def test_paper_cat_sweep_matches_the_official_readme():
 
 def test_paper_reference_reads_mlflow_string_params():
     params = {"loss.name": "rpgan", "loss.penalty": "wgan-gp", "train.lr_g": "0.0001", "train.lr_d": "0.0001",
-              "train.betas": "[0.5, 0.9]", "train.n_dis": "5"}
+              "train.betas": "[0.5, 0.9]", "train.n_dis": "5", "eval.g_mode": "train", "eval.batch_size": "100"}
     assert paper_fid("cifar10", params).fid == 28.13  # rpgan is rsgan
     assert paper_fid("cifar10", {**params, "train.betas": "[0.5, 0.999]"}) is None  # another setup: no value
     assert paper_fid("cifar10", {**params, "loss.name": "rchinge"}) is None

@@ -257,7 +257,8 @@ class Trainer:
     def save_samples(self) -> Path | None:
         if not self.s.is_main:
             return None
-        G = self.ema.module if self.ema is not None else self.s.g_module
+        # the EMA copy's BatchNorm statistics are recomputed for its own weights first (rgan_dist.ema)
+        G = self.ema.recalibrated(self.cfg) if self.ema is not None else self.s.g_module
         was_training = G.training
         G.eval()
         with self.s.autocast():
@@ -272,10 +273,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
+        G = self.eval_generator
+        if self.ema is not None and G is self.ema.module:
+            self.ema.recalibrated(self.cfg)  # same seed on every rank; then rank 0's buffers win anyway
         self.s.sync_buffers(self._buffered_modules())
-        result = self.evaluator(self.step, self.eval_generator)
-        if result:
-            self.tracker.log_metrics(result, self.step)
+        result = self.evaluator(self.step, G)
+        if result:  # with the protocol the value was computed under, when the evaluator says it
+            self.tracker.log_metrics(result, self.step, context=getattr(self.evaluator, "protocol", None))
         fid = result.get("fid")
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid

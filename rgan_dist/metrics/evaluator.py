@@ -84,7 +84,8 @@ def digits_reference_stats(net: InceptionNetwork, *, resolution: int, num_sample
     feats = [net.embed(images[order[a : min(a + batch_size, hi)]]) for a in range(lo, hi, batch_size)]
     local = torch.cat(feats) if feats else torch.empty((0, FEATURE_DIM), device=net.device)
     every = gather_rows(local)
-    meta = {**network_meta(net), "source": DIGITS, "source_kind": "in-memory", "image_resolution": resolution}
+    meta = {**network_meta(net), "source": DIGITS, "source_kind": "in-memory", "image_resolution": resolution,
+            "stored_resolution": 8, "image_format": "in-memory"}
     stats = FeatureStats.from_features(every, meta=meta, keep_features=keep_features)
     if rank == 0:
         try:
@@ -103,8 +104,9 @@ def reference_stats(data: str, net: InceptionNetwork, *, resolution: int, num_sa
             raise UsageError(f"data {data!r}: the only embedded data set is {DIGITS}")
         return digits_reference_stats(net, resolution=resolution, num_samples=num_samples, batch_size=batch_size,
                                       keep_features=keep_features, progress=progress)
+    # decoded at the model's resolution with the training reader's fit/resize: the reals the model saw
     return dataset_stats(data, network=net, num_samples=num_samples, batch_size=batch_size,
-                         keep_features=keep_features, progress=progress)
+                         keep_features=keep_features, progress=progress, resolution=resolution)
 
 
 # ----------------------------------------------------------------------------------------- generated
@@ -120,32 +122,68 @@ def sample_fn(generator: torch.nn.Module, z_dim: int) -> Any:
     return sample
 
 
+G_MODES = ("eval", "train")
+
+
 def evaluate_generator(generator: torch.nn.Module, net: InceptionNetwork, reference: FeatureStats, *,
                        num_samples: int, z_dim: int, seed: int, batch_size: int, kid: bool,
-                       progress: bool = False) -> dict[str, Any]:
-    """compare_stats' record (fid, kid, n_a, n_b, network_*, resize, ...) for `generator` in eval mode
-    (BatchNorm then uses its running statistics: a sample never depends on its batch), identical on
-    every rank."""
+                       progress: bool = False, g_mode: str = "eval", ema: bool | None = None) -> dict[str, Any]:
+    """compare_stats' record (fid, kid, n_a, n_b, network_*, resize, ...) plus the protocol keys
+    (`PROTOCOL_KEYS`), identical on every rank.
+
+    `g_mode` "eval": BatchNorm uses its running statistics, so a sample never depends on its batch.
+    "train": batch statistics over batches of `batch_size`, as the paper's official code sampled (batches
+    of 100); G's running statistics are saved and restored, so evaluating never changes the model.
+    `ema` only labels the record (whether `generator` is the EMA copy)."""
+    if g_mode not in G_MODES:
+        raise UsageError(f"g_mode={g_mode!r}: choose one of {', '.join(G_MODES)}")
     was_training = generator.training
-    generator.eval()
+    saved = {k: b.clone() for k, b in generator.named_buffers()} if g_mode == "train" else {}
+    generator.train(g_mode == "train")
     try:
         device = next(generator.parameters()).device
         gen = generator_stats(sample_fn(generator, z_dim), num_samples, batch_size, network=net, device=device,
                               seed=seed, keep_features=kid, progress=progress)
     finally:
         generator.train(was_training)
+        with torch.no_grad():
+            for k, b in generator.named_buffers():
+                if k in saved:
+                    b.copy_(saved[k])
     ref = reference if kid or reference.features is None else \
         FeatureStats(reference.mu, reference.sigma, reference.n, reference.meta)
-    return compare_on_rank0(gen, ref)
+    result = compare_on_rank0(gen, ref)
+    m = reference.meta
+    result.update(g_mode=g_mode, g_batch_size=batch_size, ema=ema, data_resolution=m.get("image_resolution"),
+                  stored_resolution=m.get("stored_resolution"), image_format=m.get("image_format"),
+                  reference_dataset_sha256=m.get("dataset_sha256"))
+    return result
+
+
+# What a FID/KID value is comparable under: logged with every value (MLflow tags, metrics.jsonl, the
+# per-evaluation JSON, `rgan eval`'s output). `resolution` is the network's input size (299),
+# `data_resolution` the size the reals were decoded at (model.resolution), `stored_resolution` and
+# `image_format` how the shards hold them.
+PROTOCOL_KEYS = ("n_a", "n_b", "network_sha256", "network_source", "resize", "resolution", "g_mode",
+                 "g_batch_size", "ema", "data_resolution", "stored_resolution", "image_format",
+                 "reference_dataset_sha256")
+
+
+def protocol(result: dict[str, Any]) -> dict[str, str]:
+    """The protocol of one FID record as `fid.<key>` strings (MLflow tags; metrics.jsonl's `protocol`)."""
+    names = {"n_a": "num_samples", "n_b": "reference_samples", "resolution": "network_resolution"}
+    return {f"fid.{names.get(k, k)}": str(result.get(k)) for k in PROTOCOL_KEYS}
 
 
 def describe(result: dict[str, Any]) -> str:
     """One line a reader can compare with a paper: the value, N on both sides, network and resize."""
     kid = f" KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if result.get("kid") is not None else ""
     fix = " (covariance eps fix-up applied)" if result.get("fid_fixup") else ""
+    ema = {True: "EMA ", False: "", None: ""}[result.get("ema")]
     return (f"FID {result['fid']:.4f}{fix}{kid}; N={result['n_a']} generated vs {result['n_b']} real; "
             f"network {result['network_source']} sha256 {str(result['network_sha256'])[:16]}...; "
-            f"resize {result['resize']} to {result['resolution']}px")
+            f"resize {result['resize']} to {result['resolution']}px; {ema}G in {result.get('g_mode', 'eval')} mode; "
+            f"reals at {result.get('data_resolution')}px from {result.get('image_format')}")
 
 
 # ----------------------------------------------------------------------------------- in training
@@ -170,6 +208,7 @@ class FidEvaluator:
         self._ready = False
         self.records_dir = cfg.out_dir / "fid"
         self.history: list[dict[str, Any]] = []
+        self.protocol: dict[str, str] | None = None  # of the last value: logged beside it (loop.evaluate)
 
     @property
     def num_reference(self) -> int:
@@ -210,8 +249,10 @@ class FidEvaluator:
         e = self.cfg.eval
         result = evaluate_generator(generator, self.net, self.reference, num_samples=e.num_samples,
                                     z_dim=self.cfg.model.z_dim, seed=self.cfg.train.seed + EVAL_SEED_OFFSET,
-                                    batch_size=e.batch_size, kid=e.kid, progress=self.progress)
+                                    batch_size=e.batch_size, kid=e.kid, progress=self.progress, g_mode=e.g_mode,
+                                    ema=e.use_ema and self.cfg.train.ema > 0)
         seconds = time.perf_counter() - t0
+        self.protocol = protocol(result)
         if rank_world()[0] == 0:
             self._record(step, result, seconds)
         metrics = {"fid": float(result["fid"]), "eval_seconds": seconds}

@@ -14,6 +14,8 @@ on every rank.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -233,8 +235,12 @@ def _iter_files(files: list[Path], workers: int) -> Iterator[np.ndarray]:
     yield from loader
 
 
-def _iter_shard_range(shards: Any, lo: int, hi: int) -> Iterator[np.ndarray]:
-    """Samples [lo, hi) of a shard set in manifest order; corrupt samples are logged and left out."""
+def _iter_shard_range(shards: Any, lo: int, hi: int, resolution: int | None = None) -> Iterator[np.ndarray]:
+    """Samples [lo, hi) of a shard set in manifest order; corrupt samples are logged and left out.
+
+    `resolution` R decodes exactly as the training reader does (`decode_square(data, R)`: stored size
+    kept when already R x R, else the same fit/resize), so reference statistics describe the images the
+    model was trained on; None keeps the stored size (comparing two data sets)."""
     from data_pipeline.images import BadImage, decode_square
     from data_pipeline.reader import iter_shard_samples
 
@@ -246,19 +252,20 @@ def _iter_shard_range(shards: Any, lo: int, hi: int) -> Iterator[np.ndarray]:
                 try:
                     if data is None:
                         raise BadImage("sample has no image member")
-                    yield decode_square(data, None)
+                    yield decode_square(data, resolution)
                 except BadImage as exc:
                     log.warning("FID: skipping sample %s of %s: %s", key, url, exc)
         start += n
 
 
-def _iter_share(src: ImageSource, n: int | None, rank: int, world: int, workers: int) -> Iterator[np.ndarray]:
+def _iter_share(src: ImageSource, n: int | None, rank: int, world: int, workers: int,
+                resolution: int | None = None) -> Iterator[np.ndarray]:
     if src.kind == "folder":
         lo, hi = share(n if n is not None else len(src.files), rank, world)
         yield from _iter_files(list(src.files[lo:hi]), workers)
     elif src.total is not None:
         lo, hi = share(n if n is not None else src.total, rank, world)
-        yield from _iter_shard_range(src.shards, lo, hi)
+        yield from _iter_shard_range(src.shards, lo, hi, resolution)
     else:
         # Remote shards without a manifest: sample counts are unknown, so ranks take whole shards
         # (data_pipeline's split) and the set of images used then depends on the world size.
@@ -268,7 +275,7 @@ def _iter_share(src: ImageSource, n: int | None, rank: int, world: int, workers:
             log.warning("FID: %s has no manifest; with %d ranks the images used depend on the world size",
                         src.spec, world)  # fmt: skip
         limit = None if n is None else share(n, rank, world)[1] - share(n, rank, world)[0]
-        for i, img in enumerate(iter_images(src.spec, rank=rank, world_size=world)):
+        for i, img in enumerate(iter_images(src.spec, rank=rank, world_size=world, resolution=resolution)):
             if limit is not None and i >= limit:
                 break
             yield img
@@ -283,11 +290,14 @@ def compute_dataset_features(
     workers: int = 0,
     progress: bool = False,
     desc: str | None = None,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """Features [N, 2048] of the first N images of a folder or shard set, identical on every rank.
 
     N = min(num_samples, images available) (all when None). Images of different sizes are fine: a
     batch is cut where the size changes. `workers` > 0 decodes folder images in DataLoader workers.
+    `resolution`: decode shard images at this size the way training does (`_iter_shard_range`); folder
+    images are always used as stored.
     """
     src = source if isinstance(source, ImageSource) else open_source(source)
     rank, world = rank_world()
@@ -303,7 +313,7 @@ def compute_dataset_features(
             pending.clear()
 
     with _progress(n or 0, desc or Path(src.spec).name or src.spec, progress) as bar:
-        for img in _iter_share(src, n, rank, world, workers):
+        for img in _iter_share(src, n, rank, world, workers, resolution):
             if img.ndim == 2:
                 img = np.repeat(img[:, :, None], 3, axis=2)
             if pending and (img.shape != pending[0].shape or len(pending) == batch_size):
@@ -330,27 +340,59 @@ def network_meta(network: InceptionNetwork) -> dict[str, Any]:
     }
 
 
-def stats_cache_name(network: InceptionNetwork, n: int) -> str:
-    """File name of cached reference statistics: the key is network hash, resolution, resize and N."""
+def dataset_identity(src: ImageSource, resolution: int | None = None) -> dict[str, Any] | None:
+    """What a shard set's reference statistics depend on besides the network: the shards' content (the
+    manifest's sha256 list, in order), how they are stored (resolution, format) and the size they are
+    decoded at. Rewriting shards into the same folder changes `dataset_sha256`, so a cached file of the
+    old set is never taken for the new one. None when the content cannot be identified (then nothing is
+    cached)."""
+    if src.kind != "shards" or src.shards is None:
+        return None
+    manifest = src.shards.manifest or {}
+    listed = manifest.get("shards") or []
+    if listed and all(isinstance(s, dict) and s.get("sha256") for s in listed):
+        content = [str(s["sha256"]) for s in listed]
+    elif src.shards.local_dir is not None and not any("://" in u or u.startswith("pipe:") for u in src.shards.urls):
+        # local shards without checksums: name, size and modification time stand in for the content
+        content = []
+        for u in src.shards.urls:
+            st = Path(u).stat()
+            content.append(f"{Path(u).name}:{st.st_size}:{st.st_mtime_ns}")
+    else:
+        return None
+    digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return {"dataset_sha256": digest, "stored_resolution": manifest.get("resolution"),
+            "image_format": manifest.get("format"), "image_resolution": resolution}
+
+
+def stats_cache_name(network: InceptionNetwork, n: int, dataset: dict[str, Any] | None = None) -> str:
+    """File name of cached reference statistics: the key is network hash, resolution, resize and N, plus
+    (for a shard set) the data set's identity and the size its images are decoded at
+    (`dataset_identity`); the same keys are checked again inside the file (`_usable`)."""
     info = network.info
-    return f"{STATS_PREFIX}_{info.sha256[:16]}_{info.resolution}px_{info.resize}_n{n}.npz"
+    data = ""
+    if dataset is not None:
+        res = dataset.get("image_resolution")
+        data = f"_r{res if res is not None else 'native'}_d{str(dataset['dataset_sha256'])[:12]}"
+    return f"{STATS_PREFIX}_{info.sha256[:16]}_{info.resolution}px_{info.resize}{data}_n{n}.npz"
 
 
-def _cache_path(src: ImageSource, network: InceptionNetwork, n: int | None) -> Path | None:
-    if src.kind != "shards" or n is None:
+def _cache_path(src: ImageSource, network: InceptionNetwork, n: int | None,
+                dataset: dict[str, Any] | None) -> Path | None:
+    if src.kind != "shards" or n is None or dataset is None:
         return None
-    try:
-        from data_pipeline import manifest_dir
-
-        folder = manifest_dir(src.spec)
-    except UsageError:
-        return None
-    return None if folder is None else Path(folder) / stats_cache_name(network, n)
+    folder = src.shards.local_dir if src.shards is not None else None
+    return None if folder is None else Path(folder) / stats_cache_name(network, n, dataset)
 
 
-def _usable(stats: FeatureStats, network: InceptionNetwork, keep_features: bool) -> bool:
+def _usable(stats: FeatureStats, network: InceptionNetwork, keep_features: bool, *, n: int | None = None,
+            dataset: dict[str, Any] | None = None) -> bool:
+    """A cached file counts only if every key it was computed under is today's: network, resize, N and
+    the data set's identity (content, stored size and format, decode size)."""
     meta = network_meta(network)
     same = all(stats.meta.get(k) == meta[k] for k in ("network_sha256", "resolution", "resize"))
+    same = same and (n is None or stats.n == n)
+    same = same and all(stats.meta.get(k) == v for k, v in (dataset or {}).items())
     return same and (stats.features is not None or not keep_features)
 
 
@@ -364,18 +406,25 @@ def dataset_stats(
     cache: bool = True,
     workers: int = 0,
     progress: bool = False,
+    resolution: int | None = None,
 ) -> FeatureStats:
     """Feature statistics of a folder or shard set, identical on every rank.
 
+    `resolution`: decode shard images at the training resolution exactly as the training reader does
+    (a 64x64 model trained from 256x256 shards is scored against 64x64 reals); None: as stored.
+
     For a local shard set with a known size the result is cached beside its manifest as
-    `fid-stats_<sha256[:16]>_299px_<resize>_n<N>.npz` and reused by later runs and ranks; rank 0 alone
-    reads and writes the cache and broadcasts what it found, so ranks never disagree. A cached file
-    without raw features does not satisfy a KID request and is recomputed (then rewritten with them).
+    `fid-stats_<sha256[:16]>_299px_<resize>_r<R>_d<data sha[:12]>_n<N>.npz` and reused by later runs and
+    ranks; rank 0 alone reads and writes the cache and broadcasts what it found, so ranks never disagree.
+    A cached file without raw features does not satisfy a KID request and is recomputed (then rewritten
+    with them). The shard writer deletes these files when it rewrites the folder.
     """
     src = source if isinstance(source, ImageSource) else open_source(source)
     rank, _ = rank_world()
     n = src.total if num_samples is None else (num_samples if src.total is None else min(num_samples, src.total))
-    path = _cache_path(src, network, n) if cache else None
+    dataset = dataset_identity(src, resolution) if rank == 0 else None
+    dataset = broadcast_from_rank0(dataset)
+    path = _cache_path(src, network, n, dataset) if cache else None
 
     found: FeatureStats | None = None
     if rank == 0 and path is not None and path.is_file():
@@ -384,7 +433,7 @@ def dataset_stats(
         except UsageError as exc:
             log.warning("FID: ignoring unreadable statistics cache %s (%s)", path, exc)
         else:
-            if _usable(loaded, network, keep_features):
+            if _usable(loaded, network, keep_features, n=n, dataset=dataset):
                 found = loaded
     found = broadcast_from_rank0(found)
     if found is not None:
@@ -392,9 +441,11 @@ def dataset_stats(
         return found
 
     feats = compute_dataset_features(
-        src, network=network, num_samples=n, batch_size=batch_size, workers=workers, progress=progress
+        src, network=network, num_samples=n, batch_size=batch_size, workers=workers, progress=progress,
+        resolution=resolution,
     )
-    meta = {**network_meta(network), "source": src.spec, "source_kind": src.kind}
+    meta = {**network_meta(network), "source": src.spec, "source_kind": src.kind,
+            "image_resolution": resolution if src.kind == "shards" else None, **(dataset or {})}
     stats = FeatureStats.from_features(feats, meta=meta, keep_features=keep_features)
     if path is not None and rank == 0:
         try:
