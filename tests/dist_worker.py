@@ -9,6 +9,9 @@ compared number for number.
   equiv OUT ARGS   K outer steps of the Trainer on one global stream of reals and noise, each rank
                    taking its slice: run with B per rank under DDP and 2B on one process, the weights
                    must agree. Writes rank 0's G/D/EMA to OUT.
+  grads OUT ARGS   D and G gradients (as the strategy averages them, before any optimizer step) of one
+                   D step and one G step of the Trainer on the same global stream, for every Ra/Rc loss
+                   and both loss.batch_stats. Writes rank 0's to OUT.
 """
 
 from __future__ import annotations
@@ -121,7 +124,59 @@ def equiv(out: Path, overrides: list[str]) -> None:
         s.close()
 
 
+# The losses with a batch reference statistic (Ra: m(r), m(f); Rc: their midpoint c).
+REFERENCE_STAT_LOSSES = ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge")
+
+
+@torch.no_grad()
+def _spread(module: torch.nn.Module, seed: int) -> None:
+    """Re-draw the weights (the same on every rank) at a scale where logits spread over several units. At
+    DCGAN's N(0, 0.02) init every logit is ~1e-3: the hinge terms are all linear, where the batch mean
+    changes no averaged gradient, and the other losses barely notice it, so global and local would agree."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        if p.dim() > 1:
+            p.copy_(torch.randn(p.shape, generator=g) * (8 / p[0].numel()) ** 0.5)
+        else:
+            p.zero_()
+
+
+def grads(out: Path, overrides: list[str]) -> None:
+    cfg = load_config(None, [*TINY, f"run.out_dir={out}/run", *overrides])
+    s = make_strategy(cfg)
+    try:
+        t = _SlicedStreamTrainer(cfg, strategy=s)
+        _spread(s.g_module, seed=7)
+        _spread(s.d_module, seed=8)
+        captured: dict[str, list[torch.Tensor]] = {}
+
+        def backward_only(phase: str, loss: torch.Tensor) -> None:
+            # The strategy's backward without the optimizer step: DDP has averaged the ranks' gradients.
+            loss.backward()
+            module = s.d_module if phase == "d" else s.g_module
+            captured[phase] = [p.grad.detach().clone() for p in module.parameters()]
+            s.zero_grad(phase)
+
+        s.backward_step = backward_only  # type: ignore[method-assign]
+        results = {}
+        for name in REFERENCE_STAT_LOSSES:
+            for stats in ("global", "local"):
+                # The strategy reads the config at every call: one Trainer serves every variant.
+                cfg.loss.name, cfg.loss.batch_stats = name, stats
+                t.stream.manual_seed(1234)  # the same reals and noise for every variant
+                real = t._reals()
+                t.d_step(real)
+                t.g_step(real)
+                results[f"{name}/{stats}"] = {"d": captured["d"], "g": captured["g"]}
+        if s.is_main:
+            torch.save(results, out / f"grads-{s.name}-{s.world_size}.pt")
+        s.barrier()
+    finally:
+        s.close()
+
+
 if __name__ == "__main__":
     scenario, out_dir, *rest = sys.argv[1:]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    {"leak": lambda: leak(Path(out_dir)), "equiv": lambda: equiv(Path(out_dir), rest)}[scenario]()
+    {"leak": lambda: leak(Path(out_dir)), "equiv": lambda: equiv(Path(out_dir), rest),
+     "grads": lambda: grads(Path(out_dir), rest)}[scenario]()

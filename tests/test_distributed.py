@@ -235,6 +235,31 @@ def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
 
 
 @pytest.mark.slow
+def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
+    """Ra/Rc losses under DDP, gradient level: one D step and one G step (the Trainer's, gradients taken
+    before the optimizer) on 2 ranks x B=4 equal one process on the concatenated 8 with
+    loss.batch_stats=global, for every loss with a reference statistic; `local` (each rank's own mean,
+    the behaviour before batch_stats existed) differs. No BatchNorm: its statistics are per rank by design.
+    Tolerance 1e-5 relative to each gradient's largest entry; measured: <= 5e-7 (global), 3e-2..5e-1
+    (local)."""
+    common = ["model.g_batch_norm=false", "model.d_batch_norm=false"]
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "grads",
+             str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
+    ok(_run([sys.executable, worker, "grads", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ddp, single = torch.load(tmp_path / "grads-ddp-2.pt"), torch.load(tmp_path / "grads-single-1.pt")
+    for name in ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge"):
+        for phase in ("d", "g"):
+            reference = single[f"{name}/global"][phase]
+            scale = max(float(g.abs().max()) for g in reference)
+            for i, (got, want) in enumerate(zip(ddp[f"{name}/global"][phase], reference, strict=True)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale, msg=f"{name} {phase} grad {i}")
+            local = max(float((a - b).abs().max()) for a, b in zip(ddp[f"{name}/local"][phase], reference,
+                                                                  strict=True))
+            assert local > 1e-2 * scale, f"{name} {phase}: local batch means should change the gradient"
+
+
+@pytest.mark.slow
 def test_sigkill_of_a_worker_restarts_from_latest_checkpoint_and_finishes(tmp_path):
     """The README's recipe: --max-restarts, --resume auto, and torchrun's store not shared with the workers
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; with the shared store a restart can read the dead attempt's

@@ -124,7 +124,7 @@ class Trainer:
             fake = s.g(self._z(real.shape[0]))
         with s.autocast():
             c_real, c_fake = s.d(real), s.d(fake)
-            loss = losses.d_loss(cfg.loss.name, c_real, c_fake)
+            loss = losses.d_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         # The penalty is part of the same loss so there is exactly one backward per D step.
         pen = losses.penalty(cfg.loss.penalty, s.d_penalty, real, fake, cfg.loss.penalty_weight,
                              generator=self.gen, grad_scale=s.grad_scale("d"))
@@ -139,7 +139,7 @@ class Trainer:
             c_fake = s.d_frozen(s.g(self._z(real.shape[0])))
             # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
             c_real = s.d_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
-            loss = losses.g_loss(cfg.loss.name, c_real, c_fake)
+            loss = losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         stepped = self._guarded_step("g", loss)
         return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
 
