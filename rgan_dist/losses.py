@@ -28,8 +28,8 @@ sees B of the N*B samples; the loss functions get that statistic from a ``means`
 (`rgan_dist.engine.distributed`, ``loss.batch_stats=global``), so that N ranks x B optimise the same
 objective as one process x N*B. Why only the reference statistic needs it, and not the outer mean of the
 per-sample loss terms (the mean of the BCEs, ``_m``): with L = mean over all N*B samples of l_i, and the
-rank-k mean L_k over its B samples, L = (1/N) sum_k L_k; DDP and DeepSpeed average the ranks'
-gradients, i.e. compute (1/N) sum_k grad L_k = grad L already. The reference statistic is different:
+rank-k mean L_k over its B samples, L = (1/N) sum_k L_k (B is the same on every rank); DDP and DeepSpeed
+average the ranks' gradients, i.e. compute (1/N) sum_k grad L_k = grad L already. The reference statistic is different:
 it sits *inside* every l_i, so a per-rank m makes each l_i a different function, which no averaging of
 gradients can repair. With the all-reduce, m is the global mean on every rank, and its backward (an
 all-reduce of the upstream gradient, summed) hands each rank d(sum_k L_k)/dm, so that the
