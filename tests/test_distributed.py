@@ -240,7 +240,7 @@ def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
     before the optimizer) on 2 ranks x B=4 equal one process on the concatenated 8 with
     loss.batch_stats=global, for every loss with a reference statistic; `local` (each rank's own mean,
     the behaviour before batch_stats existed) differs. No BatchNorm: its statistics are per rank by design.
-    Tolerance 1e-5 relative to each gradient's largest entry; measured: <= 5e-7 (global), 3e-2..5e-1
+    Tolerance 1e-5 relative to each gradient's largest entry; measured: <= 7e-7 (global), 3e-2..5e-1
     (local)."""
     common = ["model.g_batch_norm=false", "model.d_batch_norm=false"]
     worker = str(ROOT / "tests" / "dist_worker.py")
@@ -388,7 +388,7 @@ def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf1
 
     - ZeRO-1 and ZeRO-2 with rsgan + R1 (paired: no batch statistic) and ZeRO-2 with rasgan + R1 (global
       batch means, all-reduced inside `engine.backward`) at 2 x B=4: after 4 steps the weights equal one
-      process at B=8 (atol 1e-6 + rtol 1e-5; measured max abs difference <= 1e-8).
+      process at B=8 (atol 1e-6 + rtol 1e-5; measured max abs difference <= 3e-8).
     - model.spectral_norm=true: after step 1 the u/v buffers are bitwise equal on both ranks (models from
       seed + rank gave each rank its own u/v, which DeepSpeed, broadcasting parameters only, never fixed),
       and so are the rank fingerprints, which hash these buffers now.
