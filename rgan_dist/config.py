@@ -69,6 +69,8 @@ class LossConfig:
     name: str = _f("rasgan", "GAN loss; rpgan is an alias of rsgan.", choices=LOSS_NAMES)
     penalty: str = _f("none", "Gradient penalty added to the D loss.", choices=PENALTY_NAMES)
     penalty_weight: float = _f(10.0, "Penalty weight (lambda for wgan-gp, gamma for r1/r2).", min=0.0)
+    batch_stats: str = _f("global", "Ra/Rc losses' batch means over all ranks (all-reduced, so N ranks x B "
+                          "optimise what 1 x N*B does) or per rank (local).", choices=("global", "local"))
 
 
 @dataclass

@@ -5,7 +5,7 @@ Why one file: relativistic losses make the generator step depend on the critic's
 (formula, scaling, whether the G step needs reals) here means the loop never branches on a
 loss name, and a reviewer can check the whole family against REFERENCES.md in one sitting.
 
-Conventions (r = C(x_real), f = C(x_fake), raw logits; m = batch mean;
+Conventions (r = C(x_real), f = C(x_fake), raw logits; m = batch mean, see "Batch statistics";
 BCE(x, t) = ``binary_cross_entropy_with_logits``, mean-reduced):
 
 - Non-relativistic losses follow the official RelativisticGAN code (``GAN_losses_iter.py``):
@@ -20,6 +20,20 @@ BCE(x, t) = ``binary_cross_entropy_with_logits``, mean-reduced):
   on Ra *and* Rc alike; we keep the ``/2`` on both so that Ra and Rc of one family share
   a scale here too. (A constant factor only rescales the gradient, i.e. the learning rate;
   Adam is almost invariant to it.)
+
+Batch statistics across ranks. Ra and Rc losses compare each sample with a *reference statistic*,
+m(r), m(f) or c, the mean over the batch of the other side's logits. Under DDP or DeepSpeed each rank
+sees B of the N*B samples; the loss functions get that statistic from a ``means`` callable (default
+`local_means`, this process's batch), which the strategy replaces with an all-reduce *with gradient*
+(`rgan_dist.engine.distributed`, ``loss.batch_stats=global``), so that N ranks x B optimise the same
+objective as one process x N*B. Why only the reference statistic needs it, and not the outer mean of the
+per-sample loss terms (the mean of the BCEs, ``_m``): with L = mean over all N*B samples of l_i, and the
+rank-k mean L_k over its B samples, L = (1/N) sum_k L_k (B is the same on every rank); DDP and DeepSpeed
+average the ranks' gradients, i.e. compute (1/N) sum_k grad L_k = grad L already. The reference statistic is different:
+it sits *inside* every l_i, so a per-rank m makes each l_i a different function, which no averaging of
+gradients can repair. With the all-reduce, m is the global mean on every rank, and its backward (an
+all-reduce of the upstream gradient, summed) hands each rank d(sum_k L_k)/dm, so that the
+(1/N)-averaged gradients again equal grad L, the path through m included.
 
 Logits may have shape [B] or [B, 1]; they are flattened first so that a [B] against a [B, 1]
 never broadcasts into a [B, B] matrix. Half-precision logits are promoted to float32 before
@@ -40,10 +54,12 @@ from rgan_dist.errors import ConfigError
 __all__ = [
     "LOSSES",
     "PENALTIES",
+    "BatchMeans",
     "check_loss_name",
     "check_penalty_name",
     "d_loss",
     "g_loss",
+    "local_means",
     "needs_real_in_g_step",
     "penalty",
 ]
@@ -60,12 +76,23 @@ def _bce(logits: Tensor, target: float) -> Tensor:
 
 
 def _m(x: Tensor) -> Tensor:
+    """The mean of per-sample loss terms over this process's batch (no all-reduce: see the docstring)."""
     return x.mean()
 
 
-def _centre(r: Tensor, f: Tensor) -> Tensor:
+BatchMeans = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def local_means(r: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference statistics (m(r), m(f)) over this process's batch: one process, or
+    ``loss.batch_stats=local``. Strategies supply the global version (same signature)."""
+    return r.mean(), f.mean()
+
+
+def _centre(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     """The Rc reference point: the midpoint of the real and fake mean logits."""
-    return (r.mean() + f.mean()) / 2
+    m_r, m_f = means(r, f)
+    return (m_r + m_f) / 2
 
 
 def _prepare(c: Tensor) -> Tensor:
@@ -88,110 +115,116 @@ def _require_paired(r: Tensor, f: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 # SGAN (Goodfellow et al.): D classifies; G non-saturating, or saturating (the minimax form).
-def _sgan_d(r: Tensor, f: Tensor) -> Tensor:
+def _sgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _bce(r, 1.0) + _bce(f, 0.0)
 
 
-def _sgan_g(r: Tensor, f: Tensor) -> Tensor:
+def _sgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _bce(f, 1.0)
 
 
-def _sgan_sat_g(r: Tensor, f: Tensor) -> Tensor:
+def _sgan_sat_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     # minimise log(1 - sigmoid(f)) = -BCE(f, 0): kept to show why the non-saturating G exists.
     return -_bce(f, 0.0)
 
 
 # LSGAN (a=0, b=c=1), not halved, as in the official code.
-def _lsgan_d(r: Tensor, f: Tensor) -> Tensor:
+def _lsgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _m((r - 1) ** 2) + _m(f**2)
 
 
-def _lsgan_g(r: Tensor, f: Tensor) -> Tensor:
+def _lsgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _m((f - 1) ** 2)
 
 
 # Hinge (Miyato et al. / SAGAN form).
-def _hinge_d(r: Tensor, f: Tensor) -> Tensor:
+def _hinge_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _m(F.relu(1 - r)) + _m(F.relu(1 + f))
 
 
-def _hinge_g(r: Tensor, f: Tensor) -> Tensor:
+def _hinge_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return -_m(f)
 
 
 # WGAN critic loss; the Lipschitz constraint comes from the separate `wgan-gp` penalty.
-def _wgan_d(r: Tensor, f: Tensor) -> Tensor:
+def _wgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return _m(f) - _m(r)
 
 
-def _wgan_g(r: Tensor, f: Tensor) -> Tensor:
+def _wgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     return -_m(f)
 
 
 # RSGAN / RpGAN: pairs by index; G is D with the roles swapped.
-def _rsgan_d(r: Tensor, f: Tensor) -> Tensor:
+def _rsgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     _require_paired(r, f)
     return _bce(r - f, 1.0)
 
 
-def _rsgan_g(r: Tensor, f: Tensor) -> Tensor:
+def _rsgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
     _require_paired(r, f)
     return _bce(f - r, 1.0)
 
 
 # Relativistic average: each sample is compared with the other side's batch mean; /2.
-def _rasgan_d(r: Tensor, f: Tensor) -> Tensor:
-    return (_bce(r - _m(f), 1.0) + _bce(f - _m(r), 0.0)) / 2
+def _rasgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_bce(r - m_f, 1.0) + _bce(f - m_r, 0.0)) / 2
 
 
-def _rasgan_g(r: Tensor, f: Tensor) -> Tensor:
-    return (_bce(r - _m(f), 0.0) + _bce(f - _m(r), 1.0)) / 2
+def _rasgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_bce(r - m_f, 0.0) + _bce(f - m_r, 1.0)) / 2
 
 
-def _ralsgan_d(r: Tensor, f: Tensor) -> Tensor:
-    return (_m((r - _m(f) - 1) ** 2) + _m((f - _m(r) + 1) ** 2)) / 2
+def _ralsgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_m((r - m_f - 1) ** 2) + _m((f - m_r + 1) ** 2)) / 2
 
 
-def _ralsgan_g(r: Tensor, f: Tensor) -> Tensor:
-    return (_m((r - _m(f) + 1) ** 2) + _m((f - _m(r) - 1) ** 2)) / 2
+def _ralsgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_m((r - m_f + 1) ** 2) + _m((f - m_r - 1) ** 2)) / 2
 
 
-def _rahinge_d(r: Tensor, f: Tensor) -> Tensor:
-    return (_m(F.relu(1 - (r - _m(f)))) + _m(F.relu(1 + (f - _m(r))))) / 2
+def _rahinge_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_m(F.relu(1 - (r - m_f))) + _m(F.relu(1 + (f - m_r)))) / 2
 
 
-def _rahinge_g(r: Tensor, f: Tensor) -> Tensor:
-    return (_m(F.relu(1 + (r - _m(f)))) + _m(F.relu(1 - (f - _m(r))))) / 2
+def _rahinge_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    m_r, m_f = means(r, f)
+    return (_m(F.relu(1 + (r - m_f))) + _m(F.relu(1 - (f - m_r)))) / 2
 
 
 # Relativistic centred: both sides compared with c = (m(r) + m(f)) / 2; /2 as for Ra.
-def _rcsgan_d(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rcsgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_bce(r - c, 1.0) + _bce(f - c, 0.0)) / 2
 
 
-def _rcsgan_g(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rcsgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_bce(r - c, 0.0) + _bce(f - c, 1.0)) / 2
 
 
-def _rclsgan_d(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rclsgan_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_m((r - c - 1) ** 2) + _m((f - c + 1) ** 2)) / 2
 
 
-def _rclsgan_g(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rclsgan_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_m((r - c + 1) ** 2) + _m((f - c - 1) ** 2)) / 2
 
 
-def _rchinge_d(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rchinge_d(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_m(F.relu(1 - (r - c))) + _m(F.relu(1 + (f - c)))) / 2
 
 
-def _rchinge_g(r: Tensor, f: Tensor) -> Tensor:
-    c = _centre(r, f)
+def _rchinge_g(r: Tensor, f: Tensor, means: BatchMeans) -> Tensor:
+    c = _centre(r, f, means)
     return (_m(F.relu(1 + (r - c))) + _m(F.relu(1 - (f - c)))) / 2
 
 
@@ -199,7 +232,7 @@ def _rchinge_g(r: Tensor, f: Tensor) -> Tensor:
 # Registry
 # --------------------------------------------------------------------------------------------
 
-_LossFn = Callable[[Tensor, Tensor], Tensor]
+_LossFn = Callable[[Tensor, Tensor, BatchMeans], Tensor]
 
 
 @dataclass(frozen=True)
@@ -243,17 +276,21 @@ def needs_real_in_g_step(name: str) -> bool:
     return _REGISTRY[check_loss_name(name)].relativistic
 
 
-def d_loss(name: str, c_real: Tensor, c_fake: Tensor) -> Tensor:
-    """Discriminator loss (scalar) from raw critic logits of shape [B] or [B, 1]."""
+def d_loss(name: str, c_real: Tensor, c_fake: Tensor, *, means: BatchMeans = local_means) -> Tensor:
+    """Discriminator loss (scalar) from raw critic logits of shape [B] or [B, 1].
+
+    ``means`` computes the Ra/Rc reference statistics (m(r), m(f)); the training loop passes its
+    strategy's, which is global across ranks unless ``loss.batch_stats=local``.
+    """
     loss = _REGISTRY[check_loss_name(name)]
-    return loss.d(_prepare(c_real), _prepare(c_fake))
+    return loss.d(_prepare(c_real), _prepare(c_fake), means)
 
 
-def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor) -> Tensor:
+def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor, *, means: BatchMeans = local_means) -> Tensor:
     """Generator loss (scalar) from raw critic logits of shape [B] or [B, 1].
 
     ``c_real`` may be None for losses where ``needs_real_in_g_step`` is False, so that the
-    loop need not spend a D forward on reals it would throw away.
+    loop need not spend a D forward on reals it would throw away. ``means`` as for `d_loss`.
     """
     loss = _REGISTRY[check_loss_name(name)]
     f = _prepare(c_fake)
@@ -263,7 +300,7 @@ def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor) -> Tensor:
         r = f.new_empty(0)
     else:
         r = _prepare(c_real)
-    return loss.g(r, f)
+    return loss.g(r, f, means)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ compared number for number.
   equiv OUT ARGS   K outer steps of the Trainer on one global stream of reals and noise, each rank
                    taking its slice: run with B per rank under DDP and 2B on one process, the weights
                    must agree. Writes rank 0's G/D/EMA to OUT.
+  deepspeed OUT    2 ranks, every DeepSpeed check at once (see `deepspeed_checks`); `reference OUT` is
+                   its one-process side.
+  grads OUT ARGS   D and G gradients (as the strategy averages them, before any optimizer step) of one
+                   D step and one G step of the Trainer on the same global stream, for every Ra/Rc loss
+                   and both loss.batch_stats. Writes rank 0's to OUT.
 """
 
 from __future__ import annotations
@@ -106,16 +111,136 @@ class _SlicedStreamTrainer(Trainer):
         return self._slice(z).to(self.s.device)
 
 
+def _equiv_run(t: _SlicedStreamTrainer) -> dict[str, dict[str, torch.Tensor]]:
+    """`train.steps` outer steps of the Trainer on the global stream; the resulting G/D/EMA weights."""
+    for _ in range(t.cfg.train.steps):
+        t.train_step()
+    return {"G": t.s.g_module.state_dict(), "D": t.s.d_module.state_dict(), "EMA": t.ema.module.state_dict()}
+
+
 def equiv(out: Path, overrides: list[str]) -> None:
     cfg = load_config(None, [*TINY, f"run.out_dir={out}/run", *overrides])
     s = make_strategy(cfg)
     try:
-        t = _SlicedStreamTrainer(cfg, strategy=s)
-        for _ in range(cfg.train.steps):
-            t.train_step()
+        weights = _equiv_run(_SlicedStreamTrainer(cfg, strategy=s))
         if s.is_main:
-            torch.save({"G": t.s.g_module.state_dict(), "D": t.s.d_module.state_dict(),
-                        "EMA": t.ema.module.state_dict()}, out / f"equiv-{s.name}-{s.world_size}.pt")
+            torch.save(weights, out / f"equiv-{s.name}-{s.world_size}.pt")
+        s.barrier()
+    finally:
+        s.close()
+
+
+# DeepSpeed (2 ranks x B=4) against one process (B=8), by name: the training setups `deepspeed` runs under each
+# ZeRO stage listed, and `reference` runs on one process. No BatchNorm (per rank by design); 4 steps, EMA 0.9.
+# A 10x learning rate moves the logits off their ~1e-3 at init within these steps: there per-rank batch means
+# change the weights measurably (rasgan under DDP, after 4 steps: 7e-4 with local means, 1.5e-8 global).
+EQUIV_COMMON = ["model.g_batch_norm=false", "model.d_batch_norm=false", "train.steps=4", "train.ema=0.9",
+                "train.lr_d=0.002", "train.lr_g=0.002"]
+EQUIV_SETUPS = {
+    "rsgan-r1": ["loss.name=rsgan", "loss.penalty=r1"],  # paired: no batch statistic involved
+    "rasgan-r1": ["loss.name=rasgan", "loss.penalty=r1"],  # loss.batch_stats=global, the default
+}
+DEEPSPEED_EQUIV = [(1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1")]
+
+
+def _zero(stage: int) -> str:
+    return f'dist.deepspeed_config={{"zero_optimization": {{"stage": {stage}}}}}'
+
+
+def reference(out: Path) -> None:
+    """The one-process side of `deepspeed`'s equivalence runs (single strategy, B=8)."""
+    for name, setup in EQUIV_SETUPS.items():
+        cfg = load_config(None, [*TINY, f"run.out_dir={out}/ref-{name}", *EQUIV_COMMON, *setup, "train.batch_size=8"])
+        torch.save(_equiv_run(_SlicedStreamTrainer(cfg, strategy=make_strategy(cfg))), out / f"ref-{name}.pt")
+
+
+def deepspeed_checks(out: Path) -> None:
+    """Every 2-rank DeepSpeed check in one process group (each job pays ~20 s of DeepSpeed start-up):
+
+    - equivalence: `DEEPSPEED_EQUIV` at B=4 per rank, weights to ds-zero<stage>-<setup>.pt (rank 0's);
+    - spectral norm + ZeRO-1 + bf16 (BatchNorm on, as by default): after step 1 every rank's D buffers and
+      fingerprints, to sn.pt; then the same Trainer goes on with `fit()` to step 6 (checkpoints at 3 and
+      6, in OUT/a), and a fresh Trainer with fresh engines resumes OUT/a's step 3 into OUT/b and runs to 6:
+      the test compares the two step-6 checkpoints."""
+    strategies = []
+
+    def trainer(cls: type[Trainer], *overrides: str) -> Trainer:
+        cfg = load_config(None, [*TINY, *overrides])
+        strategies.append(make_strategy(cfg))
+        return cls(cfg, strategy=strategies[-1])
+
+    try:
+        for stage, name in DEEPSPEED_EQUIV:
+            t = trainer(_SlicedStreamTrainer, f"run.out_dir={out}/ds-{stage}-{name}", "dist.strategy=deepspeed",
+                        _zero(stage), *EQUIV_COMMON, *EQUIV_SETUPS[name], "train.batch_size=4")
+            weights = _equiv_run(t)
+            if t.s.is_main:
+                torch.save(weights, out / f"ds-zero{stage}-{name}.pt")
+        sn = ["dist.strategy=deepspeed", _zero(1), "model.spectral_norm=true", "train.precision=bf16",
+              "train.batch_size=4", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5",
+              "train.sample_every=0"]
+        a = trainer(Trainer, f"run.out_dir={out}/a", *sn)
+        a.train_step()
+        buffers = {k: v.detach().clone() for k, v in a.s.d_module.named_buffers()}
+        seen = a.s.all_gather_object({"buffers": buffers, "fingerprint": a._fingerprints()})
+        if a.s.is_main:
+            torch.save(seen, out / "sn.pt")
+        a.fit()
+        b = trainer(Trainer, f"run.out_dir={out}/b", *sn,
+                    f"checkpoint.resume={out}/a/checkpoints/ckpt-00000003.pt")
+        assert b.step == 3
+        b.fit()
+    finally:
+        for s in reversed(strategies):  # the first strategy owns the process group: it goes last
+            s.close()
+
+
+# The losses with a batch reference statistic (Ra: m(r), m(f); Rc: their midpoint c).
+REFERENCE_STAT_LOSSES = ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge")
+
+
+@torch.no_grad()
+def _spread(module: torch.nn.Module, seed: int) -> None:
+    """Re-draw the weights (the same on every rank) at a scale where logits spread over several units. At
+    DCGAN's N(0, 0.02) init every logit is ~1e-3: the hinge terms are all linear, where the batch mean
+    changes no averaged gradient, and the other losses barely notice it, so global and local would agree."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        if p.dim() > 1:
+            p.copy_(torch.randn(p.shape, generator=g) * (8 / p[0].numel()) ** 0.5)
+        else:
+            p.zero_()
+
+
+def grads(out: Path, overrides: list[str]) -> None:
+    cfg = load_config(None, [*TINY, f"run.out_dir={out}/run", *overrides])
+    s = make_strategy(cfg)
+    try:
+        t = _SlicedStreamTrainer(cfg, strategy=s)
+        _spread(s.g_module, seed=7)
+        _spread(s.d_module, seed=8)
+        captured: dict[str, list[torch.Tensor]] = {}
+
+        def backward_only(phase: str, loss: torch.Tensor) -> None:
+            # The strategy's backward without the optimizer step: DDP has averaged the ranks' gradients.
+            loss.backward()
+            module = s.d_module if phase == "d" else s.g_module
+            captured[phase] = [p.grad.detach().clone() for p in module.parameters()]
+            s.zero_grad(phase)
+
+        s.backward_step = backward_only  # type: ignore[method-assign]
+        results = {}
+        for name in REFERENCE_STAT_LOSSES:
+            for stats in ("global", "local"):
+                # The strategy reads the config at every call: one Trainer serves every variant.
+                cfg.loss.name, cfg.loss.batch_stats = name, stats
+                t.stream.manual_seed(1234)  # the same reals and noise for every variant
+                real = t._reals()
+                t.d_step(real)
+                t.g_step(real)
+                results[f"{name}/{stats}"] = {"d": captured["d"], "g": captured["g"]}
+        if s.is_main:
+            torch.save(results, out / f"grads-{s.name}-{s.world_size}.pt")
         s.barrier()
     finally:
         s.close()
@@ -124,4 +249,6 @@ def equiv(out: Path, overrides: list[str]) -> None:
 if __name__ == "__main__":
     scenario, out_dir, *rest = sys.argv[1:]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    {"leak": lambda: leak(Path(out_dir)), "equiv": lambda: equiv(Path(out_dir), rest)}[scenario]()
+    {"leak": lambda: leak(Path(out_dir)), "equiv": lambda: equiv(Path(out_dir), rest),
+     "grads": lambda: grads(Path(out_dir), rest), "reference": lambda: reference(Path(out_dir)),
+     "deepspeed": lambda: deepspeed_checks(Path(out_dir))}[scenario]()

@@ -235,6 +235,31 @@ def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
 
 
 @pytest.mark.slow
+def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
+    """Ra/Rc losses under DDP, gradient level: one D step and one G step (the Trainer's, gradients taken
+    before the optimizer) on 2 ranks x B=4 equal one process on the concatenated 8 with
+    loss.batch_stats=global, for every loss with a reference statistic; `local` (each rank's own mean,
+    the behaviour before batch_stats existed) differs. No BatchNorm: its statistics are per rank by design.
+    Tolerance 1e-5 relative to each gradient's largest entry; measured: <= 7e-7 (global), 3e-2..5e-1
+    (local)."""
+    common = ["model.g_batch_norm=false", "model.d_batch_norm=false"]
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "grads",
+             str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
+    ok(_run([sys.executable, worker, "grads", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ddp, single = torch.load(tmp_path / "grads-ddp-2.pt"), torch.load(tmp_path / "grads-single-1.pt")
+    for name in ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge"):
+        for phase in ("d", "g"):
+            reference = single[f"{name}/global"][phase]
+            scale = max(float(g.abs().max()) for g in reference)
+            for i, (got, want) in enumerate(zip(ddp[f"{name}/global"][phase], reference, strict=True)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale, msg=f"{name} {phase} grad {i}")
+            local = max(float((a - b).abs().max()) for a, b in zip(ddp[f"{name}/local"][phase], reference,
+                                                                  strict=True))
+            assert local > 1e-2 * scale, f"{name} {phase}: local batch means should change the gradient"
+
+
+@pytest.mark.slow
 def test_sigkill_of_a_worker_restarts_from_latest_checkpoint_and_finishes(tmp_path):
     """The README's recipe: --max-restarts, --resume auto, and torchrun's store not shared with the workers
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; with the shared store a restart can read the dead attempt's
@@ -355,6 +380,54 @@ def test_deepspeed_zero2_two_ranks_identical_resume_exact_and_matches_ddp(tmp_pa
     for part in ("G", "D"):
         for k, v in c["model"][part].items():
             torch.testing.assert_close(a["model"][part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow
+def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf16_resumes_exactly(tmp_path):
+    """Every 2-rank DeepSpeed check in one job (`dist_worker.deepspeed_checks`, ~20 s here):
+
+    - ZeRO-1 and ZeRO-2 with rsgan + R1 (paired: no batch statistic) and ZeRO-2 with rasgan + R1 (global
+      batch means, all-reduced inside `engine.backward`) at 2 x B=4: after 4 steps the weights equal one
+      process at B=8 (atol 1e-6 + rtol 1e-5; measured max abs difference <= 3e-8).
+    - model.spectral_norm=true: after step 1 the u/v buffers are bitwise equal on both ranks (models from
+      seed + rank gave each rank its own u/v, which DeepSpeed, broadcasting parameters only, never fixed),
+      and so are the rank fingerprints, which hash these buffers now.
+    - ZeRO-1 + bf16 (with spectral norm and BatchNorm in D): 3 steps, then a fresh Trainer with fresh engines
+      resuming that checkpoint to step 6, equals 6 straight steps bitwise, on every rank."""
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+             "deepspeed", str(tmp_path)], timeout=240))
+    ok(_run([sys.executable, worker, "reference", str(tmp_path)], timeout=120))
+    for stage, setup in (1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1"):
+        ds, single = torch.load(tmp_path / f"ds-zero{stage}-{setup}.pt"), torch.load(tmp_path / f"ref-{setup}.pt")
+        for part in ("G", "D", "EMA"):
+            for k, v in single[part].items():
+                torch.testing.assert_close(ds[part][k], v, rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} {setup} {part}.{k}")
+    ranks = torch.load(tmp_path / "sn.pt")
+    uv = [k for k in ranks[0]["buffers"] if k.endswith(("._u", "._v"))]
+    assert len(uv) == 6, sorted(ranks[0]["buffers"])
+    for k in uv:
+        assert torch.equal(ranks[0]["buffers"][k], ranks[1]["buffers"][k]), f"{k} differs between ranks"
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    straight, resumed = ckpt(tmp_path / "a", 6), ckpt(tmp_path / "b", 6)
+    assert straight["model"]["zero_stage"] == 1 and "precision: bf16" in straight["config"]
+    assert_ranks_identical(straight, world=2)
+    assert_same_training_state(straight, resumed)
+
+
+def test_fingerprints_hash_buffers_but_not_batchnorm_statistics(tmp_path):
+    """Spectral norm's u/v must agree on every rank at every step, so the rank fingerprints hash them; BatchNorm's
+    running statistics are per rank by design until checkpoints sync them, so they are left out."""
+    from rgan_dist.engine.loop import Trainer
+
+    t = Trainer(load_config(DEMO, [*TINY, "model.spectral_norm=true", f"run.out_dir={tmp_path}"]))
+    before = t._fingerprints()
+    with torch.no_grad():
+        dict(t.s.d_module.named_buffers())["blocks.1.1.running_mean"].add_(1)
+        assert t._fingerprints() == before
+        dict(t.s.d_module.named_buffers())["to_logit.parametrizations.weight.0._u"].mul_(-1)
+    after = t._fingerprints()
+    assert after["D"] != before["D"] and after["G"] == before["G"]
 
 
 def test_restart_pitfalls_are_warned_about():

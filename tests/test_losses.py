@@ -143,6 +143,30 @@ def test_average_and_centred_losses_accept_unequal_batches():
         assert losses.d_loss(name, r, f).item() == pytest.approx(REFERENCE[name][0](r, f).item())
 
 
+@pytest.mark.parametrize("side", ["d", "g"])
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_global_reference_means_make_rank_shards_add_up_to_the_whole_batch(name, side):
+    """Two "ranks" in one process: each computes its loss on half the batch with `means` giving the whole
+    batch's m(r), m(f) (what the all-reduce gives every rank). The ranks' average, the quantity whose
+    gradient DDP/DeepSpeed produce, then equals the loss on the whole batch, gradients included, for every
+    loss. With each half's own means (`local_means`) the Ra/Rc losses become another objective."""
+    fn = losses.d_loss if side == "d" else losses.g_loss
+    g = torch.Generator().manual_seed(3)
+    r = (3 * torch.randn(8, generator=g, dtype=torch.float64)).requires_grad_()
+    f = (3 * torch.randn(8, generator=g, dtype=torch.float64)).requires_grad_()
+    whole = fn(name, r, f)
+    want = torch.autograd.grad(whole, (r, f), materialize_grads=True)  # G of sgan etc. ignores r
+    shards = [fn(name, r[i:i + 4], f[i:i + 4], means=lambda _r, _f: (r.mean(), f.mean())) for i in (0, 4)]
+    ranks = (shards[0] + shards[1]) / 2
+    got = torch.autograd.grad(ranks, (r, f), materialize_grads=True)
+    assert ranks.item() == pytest.approx(whole.item(), rel=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    local = sum(fn(name, r[i:i + 4], f[i:i + 4], means=losses.local_means) for i in (0, 4)) / 2
+    uses_reference = name in {"rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge"}
+    assert (abs(local.item() - whole.item()) > 1e-3) == uses_reference
+
+
 def test_g_loss_without_reals_only_for_non_relativistic():
     f = torch.randn(8, dtype=torch.float64)
     for name in losses.LOSSES:

@@ -82,16 +82,16 @@ def test_non_finite_steps_are_skipped_then_fatal(tmp_path, monkeypatch):
     real_d_loss = losses.d_loss
     calls = {"n": 0}
 
-    def flaky(name, c_real, c_fake):
+    def flaky(name, c_real, c_fake, **kw):
         calls["n"] += 1
-        value = real_d_loss(name, c_real, c_fake)
+        value = real_d_loss(name, c_real, c_fake, **kw)
         return value * float("nan") if calls["n"] == 2 else value
 
     monkeypatch.setattr(losses, "d_loss", flaky)
     result = train(cfg)
     assert result.step == 5 and result.bad_steps == 1
 
-    monkeypatch.setattr(losses, "d_loss", lambda *a: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(losses, "d_loss", lambda *a, **kw: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(TrainingDiverged, match="3 consecutive non-finite D losses"):
         train(tiny_cfg(tmp_path / "x", "train.steps=5", "train.max_bad_steps=3"))
 

@@ -111,6 +111,27 @@ def restart_warnings(cfg: Config, env: Mapping[str, str]) -> list[str]:
     return out
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient w.r.t. each rank's input is the sum over ranks of the
+    output's gradients, because every rank's loss depends on every rank's input through the sum.
+
+    Our own eight lines rather than `torch.distributed.nn.functional.all_reduce` (the same maths, deprecated
+    in torch 2.13) or `_functional_collectives` (private). The backward is a collective too: it runs on
+    every rank that backpropagates a loss built from the output, i.e. on all of them."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 class DistributedStrategy(Strategy):
     """The process group and the collectives both distributed strategies share."""
 
@@ -142,6 +163,20 @@ class DistributedStrategy(Strategy):
 
     def _tensor(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def batch_means(self, r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m(r), m(f) over the global batch (`loss.batch_stats=global`), or this rank's (`local`).
+
+        One all-reduce of (sum r, sum f, count r, count f) whose backward all-reduces the upstream gradient
+        (`_AllReduceSum`): every rank's logits get the gradient that flows into the global mean from *all*
+        ranks' losses, so after DDP/DeepSpeed average the ranks' gradients they
+        equal one process's on the concatenated batch (the reasoning is in `rgan_dist.losses`). Every rank
+        calls it the same number of times (the loss name is the same everywhere), as a collective must."""
+        if self.cfg.loss.batch_stats == "local":
+            return super().batch_means(r, f)
+        parts = torch.stack([r.sum(), f.sum(), r.new_tensor(float(r.numel())), f.new_tensor(float(f.numel()))])
+        total = _AllReduceSum.apply(parts)
+        return total[0] / total[2], total[1] / total[3]
 
     def all_finite(self, *values: torch.Tensor) -> bool:
         ok = torch.isfinite(torch.stack([v.detach().float() for v in values])).all().float().reshape(1)

@@ -71,11 +71,14 @@ class Trainer:
                  evaluator: Evaluator | None = None) -> None:
         self.cfg = cfg
         self.s = strategy or make_strategy(cfg)
-        seed_everything(cfg.train.seed + self.s.rank)
+        # Every rank builds the same models, then seeds its own stream: DeepSpeed broadcasts parameters but
+        # not buffers, and spectral norm's u/v drawn from seed + rank differed between ranks for ~30 steps.
+        seed_everything(cfg.train.seed)
         m = cfg.model
         G, D = build_models(m.arch, resolution=m.resolution, z_dim=m.z_dim, width=m.width,
                             max_width=m.max_width, channels=m.channels, spectral_norm=m.spectral_norm,
                             g_batch_norm=m.g_batch_norm, d_batch_norm=m.d_batch_norm, pack=m.pack)
+        seed_everything(cfg.train.seed + self.s.rank)
         self.model_summary = describe(G, D)
         self.s.prepare(G, D)
         self.ema = EMA(self.s.g_module, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -124,7 +127,7 @@ class Trainer:
             fake = s.g(self._z(real.shape[0]))
         with s.autocast():
             c_real, c_fake = s.d(real), s.d(fake)
-            loss = losses.d_loss(cfg.loss.name, c_real, c_fake)
+            loss = losses.d_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         # The penalty is part of the same loss so there is exactly one backward per D step.
         pen = losses.penalty(cfg.loss.penalty, s.d_penalty, real, fake, cfg.loss.penalty_weight,
                              generator=self.gen, grad_scale=s.grad_scale("d"))
@@ -139,7 +142,7 @@ class Trainer:
             c_fake = s.d_frozen(s.g(self._z(real.shape[0])))
             # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
             c_real = s.d_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
-            loss = losses.g_loss(cfg.loss.name, c_real, c_fake)
+            loss = losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         stepped = self._guarded_step("g", loss)
         return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
 
@@ -327,15 +330,20 @@ class Trainer:
             np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
 
     def _fingerprints(self) -> dict[str, str]:
-        """Hashes of this rank's G, D and EMA parameters: equal on every rank, or the ranks diverged."""
+        """Hashes of this rank's G, D and EMA parameters and buffers: equal on every rank, or the ranks
+        diverged. BatchNorm's running statistics are left out: they are per rank by design until
+        `sync_buffers`, which runs after this (it would hide a divergence of the other buffers, e.g.
+        spectral norm's u/v, which must agree at every step)."""
         modules = {"G": self.s.g_module, "D": self.s.d_module}
         if self.ema is not None:
             modules["EMA"] = self.ema.module
         out = {}
         for name, module in modules.items():
             h = hashlib.sha256()
-            for p in module.parameters():
-                h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            buffers = [b for sub in module.modules() if not isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
+                       for b in sub.buffers(recurse=False)]
+            for t in [*module.parameters(), *buffers]:
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             out[name] = h.hexdigest()
         return out
 
@@ -343,9 +351,10 @@ class Trainer:
         """Collective: every rank calls it at the same step. Rank 0 writes one file holding every rank's
         RNG state and data position; sharded strategies first write their parts into the step's folder."""
         s = self.s
+        fingerprint = self._fingerprints()
         s.sync_buffers(self._buffered_modules())
         state = self.state_dict()
-        ranks = s.all_gather_object({"rng": state["rng"], "data": state["data"], "fingerprint": self._fingerprints()})
+        ranks = s.all_gather_object({"rng": state["rng"], "data": state["data"], "fingerprint": fingerprint})
         sidecar = self.ckpt.sidecar(self.step)
         if s.is_main and sidecar.exists():  # left by a job killed while saving this very step
             shutil.rmtree(sidecar)
@@ -356,7 +365,7 @@ class Trainer:
         path = None
         if s.is_main:
             if any(r["fingerprint"] != ranks[0]["fingerprint"] for r in ranks):
-                raise RuntimeError(f"ranks diverged at step {self.step}: parameter hashes differ "
+                raise RuntimeError(f"ranks diverged at step {self.step}: parameter/buffer hashes differ "
                                    f"({[r['fingerprint'] for r in ranks]}); not writing a checkpoint")
             state["ranks"] = ranks
             path = self.ckpt.save(self.step, state, before_commit=lambda: s.fault_point("save", self.step))

@@ -16,7 +16,7 @@ Forward callables, and why there are three:
   double-backward ("torch.compile with aot_autograd does not currently support double backward"), so
   with `train.compile=true` the penalty runs eager while every other forward stays compiled.
 
-Collectives (`all_finite`, `reduce_mean`, `any_rank`, `all_gather_object`, `broadcast_object`,
+Collectives (`batch_means`, `all_finite`, `reduce_mean`, `any_rank`, `all_gather_object`, `broadcast_object`,
 `barrier`) are identities here; the distributed strategies make every rank agree through them, so the
 loop can call them unconditionally. The invariant they rely on: every rank calls the same collectives
 in the same order (one `all_finite` per phase, one `any_rank` per outer step, the gathers of a
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rgan_dist import losses
 from rgan_dist.config import Config
 
 Phase = str  # "g" or "d"
@@ -146,6 +147,12 @@ class Strategy:
             self.D.requires_grad_(True)
 
     # ---- collectives (identity on one process) ---------------------------------------------------
+
+    def batch_means(self, r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Ra/Rc reference statistics (m(r), m(f)) the losses compare each sample with (passed as
+        `losses.d_loss(..., means=)`). One process: its batch's means; distributed strategies make them
+        means over every rank's batch (`loss.batch_stats=global`)."""
+        return losses.local_means(r, f)
 
     def all_finite(self, *values: torch.Tensor) -> bool:
         """Whether every rank saw finite values; ranks must agree or a skipped step would desync them."""
