@@ -7,7 +7,9 @@ Typical in-training use (every rank calls every function; all return the same on
     gen = generator_stats(sample_fn, n, batch, network=net, seed=seed, keep_features=True)
     record = compare_on_rank0(gen, ref)   # fid, kid, n_a, n_b, network_sha256, resize, ...
 
-`rgan fid A B` is `cli.fid_between`.
+`rgan fid A B` is `cli.fid_between`. Stacked-Digits mode coverage (`modes`, `modes_kl`) lives in
+`rgan_dist.metrics.modes` (no Inception: a scikit-learn digit classifier per channel); `rgan modes SRC` is
+`cli.modes_of`. The metrics `eval.metrics` may list are `evaluator.METRICS`.
 """
 
 from rgan_dist.metrics.features import (

@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from rgan_dist.config import EvalConfig
 from rgan_dist.errors import UsageError
 
 NUM_MODES = 1000
-DEFAULT_NUM_SAMPLES = 26_000
+DEFAULT_NUM_SAMPLES: int = EvalConfig.modes_samples  # 26,000: the protocol's N, defined once in the config
 # Everything the fitted classifier depends on besides R and the scikit-learn version: part of the cache key.
 FIT_SETTINGS: dict[str, Any] = {"model": "SVC", "kernel": "rbf", "gamma": 0.002, "C": 5.0, "test_size": 0.25,
                                 "split_seed": 0, "features": "area-8x8 of bilinear-R, 0..16", "version": 1}
