@@ -13,6 +13,7 @@ import re
 from PIL import ImageColor
 
 from data_pipeline.images import FITS, FORMATS
+from data_pipeline.sources import STACKED_DEFAULT_COUNT, STACKED_DIGITS, stacked_source
 from data_pipeline.writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SHARD_SIZE, summary_line, write_shards
 from rgan_dist.errors import UsageError
 
@@ -24,7 +25,8 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
         "sources",
         nargs="+",
         metavar="SRC",
-        help="image folder (recursive), .zip, .tar, or sklearn:digits; several allowed",
+        help="image folder (recursive), .zip, .tar, sklearn:digits, or sklearn:stacked-digits (three digits on "
+        "the R, G, B channels, label 100r+10g+b; see --count); several allowed",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
     parser.add_argument("--resolution", required=True, metavar="R", help="output side in pixels (square)")
@@ -56,7 +58,15 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
         help="colour behind transparency and padding: R,G,B or a name/#hex (default white)",
     )
     parser.add_argument("--name", default="data", help="shard file prefix: NAME-000000.tar (default data)")
-    parser.add_argument("--seed", default="0", help="seed of the input shuffle (default 0)")
+    parser.add_argument(
+        "--count",
+        default=None,
+        metavar="N",
+        help=f"images drawn for sklearn:stacked-digits (default {STACKED_DEFAULT_COUNT})",
+    )
+    parser.add_argument(
+        "--seed", default="0", help="seed of the input shuffle and of the sklearn:stacked-digits draw (default 0)"
+    )
     parser.add_argument("--no-shuffle", action="store_true", help="keep the input order (sorted paths)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of an existing DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,8 +78,9 @@ def run_shards(args: argparse.Namespace) -> int:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     if args.fit not in FITS:
         raise UsageError(f"--fit must be one of {', '.join(FITS)}, got {args.fit!r}")
+    seed = _int(args.seed, "--seed", "an integer")
     manifest = write_shards(
-        args.sources,
+        stacked_sources(args.sources, count=args.count, seed=seed),
         args.out,
         _int(args.resolution, "--resolution", "an integer number of pixels, e.g. 64"),
         fmt=fmt,
@@ -82,11 +93,24 @@ def run_shards(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         name=args.name,
         shuffle=not args.no_shuffle,
-        seed=_int(args.seed, "--seed", "an integer"),
+        seed=seed,
         progress=not args.no_progress,
     )
     print(summary_line(manifest, args.out))
     return 0
+
+
+def stacked_sources(sources: list[str], *, count: str | None, seed: int) -> list[str]:
+    """A bare `sklearn:stacked-digits` becomes its canonical form with --count and --seed, so the manifest's
+    `sources` says how to draw the same set again."""
+    if count is not None and STACKED_DIGITS not in sources:
+        raise UsageError(f"--count applies only to the source {STACKED_DIGITS}")
+    n = STACKED_DEFAULT_COUNT if count is None else _int(count, "--count", "a positive integer")
+    if n < 1:
+        raise UsageError(f"--count must be a positive integer, got {count!r}")
+    if seed < 0 and STACKED_DIGITS in sources:
+        raise UsageError(f"--seed must be >= 0 for {STACKED_DIGITS}, got {seed}")
+    return [stacked_source(n, seed) if s == STACKED_DIGITS else s for s in sources]
 
 
 def _int(value: object, flag: str, allowed: str) -> int:

@@ -1,4 +1,5 @@
-"""Where writer inputs come from: folders, .zip and .tar archives, and the embedded sklearn digits.
+"""Where writer inputs come from: folders, .zip and .tar archives, the embedded sklearn digits, and
+Stacked-Digits (three sklearn digits on the R, G, B channels: 1000 classes, the StackedMNIST protocol).
 
 Enumeration runs in the main process and yields small picklable `Item`s (no pixel data), so the
 candidate list stays cheap for millions of files; worker processes fetch the bytes themselves
@@ -19,6 +20,9 @@ from data_pipeline.images import is_image_name
 from rgan_dist.errors import UsageError
 
 DIGITS = "sklearn:digits"
+STACKED_DIGITS = "sklearn:stacked-digits"
+STACKED_DEFAULT_COUNT = 10_000  # 10 images per mode on average; the set is drawn, not enumerated
+STACKED_MODES = 1000
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
 
 
@@ -26,7 +30,7 @@ _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".
 class Item:
     source: str  # the source argument as the user gave it
     rel: str  # POSIX path inside the source; stored in every sample as "path"
-    kind: str  # "file" | "zip" | "tar" | "digits"
+    kind: str  # "file" | "zip" | "tar" | "digits" | "stacked"
     loc: tuple  # how a worker fetches the bytes (see `read_item`)
 
     @property
@@ -46,8 +50,10 @@ def check_sources(sources: list[str]) -> None:
     if not sources:
         raise UsageError("no source given: pass one or more folders, .zip or .tar files, or sklearn:digits")
     for src in sources:
-        if src == DIGITS:
+        if src == DIGITS or parse_stacked(src) is not None:
             continue
+        if src.startswith("sklearn:"):
+            raise UsageError(f"unknown embedded source {src}: use {DIGITS} or {STACKED_DIGITS}")
         p = Path(src)
         if not p.exists():
             raise UsageError(f"source not found: {src} (expected a folder, a .zip, a .tar or {DIGITS})")
@@ -78,6 +84,9 @@ def list_sources(sources: list[str]) -> Listing:
         if src == DIGITS:
             n = len(_digits_images())
             out.items.extend(Item(src, f"{i:04d}", "digits", (i,)) for i in range(n))
+        elif (spec := parse_stacked(src)) is not None:
+            picks = stacked_indices(*spec)
+            out.items.extend(Item(src, f"{i:06d}", "stacked", tuple(map(int, p))) for i, p in enumerate(picks))
         elif Path(src).is_dir():
             _list_folder(src, out)
         elif src.lower().endswith(".zip"):
@@ -135,8 +144,10 @@ def _list_tar(src: str, out: Listing) -> None:
 _zip_cache: dict[str, zipfile.ZipFile] = {}
 
 
-def read_item(item: Item) -> bytes | np.ndarray:
-    """The raw input of one item: file/archive bytes, or a uint8 greyscale array for digits.
+def read_item(item: Item, resolution: int) -> bytes | np.ndarray:
+    """The raw input of one item: file/archive bytes, a uint8 greyscale 8x8 array for digits, or the
+    `resolution`-square uint8 RGB stack for Stacked-Digits (built here, so the resize is `stack_digits`'
+    bilinear one and not the writer's Lanczos).
 
     Raises OSError / zipfile.BadZipFile (bad CRC) / RuntimeError (encrypted) for unreadable members;
     the caller records those as skipped.
@@ -160,6 +171,9 @@ def read_item(item: Item) -> bytes | np.ndarray:
         return data
     if item.kind == "digits":
         return _digits_images()[item.loc[0]]
+    if item.kind == "stacked":
+        images = _digits_images()
+        return stack_digits(*(images[i] for i in item.loc), resolution=resolution)
     raise ValueError(f"unknown item kind {item.kind!r}")
 
 
@@ -168,6 +182,90 @@ _digits: tuple[np.ndarray, np.ndarray] | None = None
 
 def digits_label(index: int) -> int:
     return int(_load_digits()[1][index])
+
+
+def item_label(item: Item) -> int | None:
+    """The class an item carries into its sample's metadata ("label"): the digit for sklearn:digits,
+    100 * r + 10 * g + b for Stacked-Digits, None for user images."""
+    if item.kind == "digits":
+        return digits_label(item.loc[0])
+    if item.kind == "stacked":
+        r, g, b = (digits_label(i) for i in item.loc)
+        return 100 * r + 10 * g + b
+    return None
+
+
+# ---- Stacked-Digits ----
+
+
+def stacked_source(count: int = STACKED_DEFAULT_COUNT, seed: int = 0) -> str:
+    """The canonical source string of a Stacked-Digits set, e.g. `sklearn:stacked-digits?count=10000&seed=0`.
+
+    The draw's parameters live in the string so that the manifest's `sources` says how to rebuild the set.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UsageError(f"Stacked-Digits count must be a positive integer, got {count!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"Stacked-Digits seed must be an integer >= 0, got {seed!r}")
+    return f"{STACKED_DIGITS}?count={count}&seed={seed}"
+
+
+def parse_stacked(src: str) -> tuple[int, int] | None:
+    """(count, seed) of a Stacked-Digits source (bare name: the defaults, seed 0); None for other sources."""
+    name, sep, query = src.partition("?")
+    if name != STACKED_DIGITS:
+        return None
+    params = {"count": str(STACKED_DEFAULT_COUNT), "seed": "0"}
+    for part in query.split("&") if sep else ():
+        key, _, value = part.partition("=")
+        if key not in params:
+            raise UsageError(f"source {src!r}: unknown parameter {key!r}; write {STACKED_DIGITS}?count=N&seed=S")
+        params[key] = value
+    try:
+        count, seed = int(params["count"]), int(params["seed"])
+    except ValueError:
+        raise UsageError(f"source {src!r}: count and seed must be integers, e.g. {stacked_source(1000, 0)}") from None
+    stacked_source(count, seed)  # range checks
+    return count, seed
+
+
+def stacked_indices(count: int, seed: int) -> np.ndarray:
+    """[count, 3] indices into sklearn's digits (R, G, B = hundreds, tens, units).
+
+    Each channel's class is drawn uniformly, then a uniform sample of that class: drawing a sample
+    uniformly from all 1797 would favour the commoner classes (they hold 174..183 samples each), and the
+    1000 modes must be equally likely for the reverse KL against uniform to mean what it says.
+    """
+    labels = _load_digits()[1]
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    rng = np.random.default_rng(seed)
+    classes = rng.integers(0, 10, size=(count, 3))
+    u = rng.random((count, 3))
+    out = np.empty((count, 3), dtype=np.int64)
+    for c, members in enumerate(by_class):
+        hit = classes == c
+        out[hit] = members[np.minimum((u[hit] * len(members)).astype(np.int64), len(members) - 1)]
+    return out
+
+
+def stack_digits(r: np.ndarray, g: np.ndarray, b: np.ndarray, *, resolution: int) -> np.ndarray:
+    """Three 8x8 uint8 greyscale digits (0..255) -> the [resolution, resolution, 3] uint8 Stacked-Digits image.
+
+    The one definition of the representation (PIL bilinear upscale per channel, then R, G, B =
+    hundreds, tens, units): the shard writer and the tests build stacks here, and the `modes` metric's
+    classifier inverts exactly this.
+    """
+    from PIL import Image
+
+    size = (resolution, resolution)
+    channels = [np.asarray(Image.fromarray(np.asarray(d, dtype=np.uint8), "L").resize(size, Image.Resampling.BILINEAR))
+                for d in (r, g, b)]
+    return np.stack(channels, axis=-1)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1797 digits as uint8 [N, 8, 8] (0..255, the form every source above uses) and labels [N]."""
+    return _load_digits()
 
 
 def _digits_images() -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.images import FITS, FORMATS, BadImage, _why, encode, prepare
-from data_pipeline.sources import DIGITS, Item, check_sources, digits_label, list_sources, read_item
+from data_pipeline.sources import Item, check_sources, item_label, list_sources, read_item
 from rgan_dist.errors import UsageError
 
 MANIFEST = "manifest.json"
@@ -126,8 +126,9 @@ def write_shards(
                     "orig_size": list(orig_size),
                     "upscaled": bool(was_upscaled),
                 }
-                if item.source == DIGITS:
-                    meta["label"] = digits_label(item.loc[0])
+                label = item_label(item)
+                if label is not None:
+                    meta["label"] = label
                 writer.add(data, json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         shards = writer.finish()
     except BrokenProcessPool as exc:
@@ -256,11 +257,11 @@ def _process_chunk_in_worker(items: list[Item]) -> list[tuple]:
 def _process(item: Item, opts: EncodeOptions) -> tuple:
     """("ok", encoded bytes, original (w, h), upscaled) or ("skip", reason). Never raises for bad data."""
     try:
-        raw = read_item(item)
+        raw = read_item(item, opts.resolution)
     except Exception as exc:  # bad zip CRC, encrypted member, I/O error, vanished file
         return ("skip", f"unreadable ({_why(exc)})")
     try:
-        src = Image.fromarray(raw, "L") if isinstance(raw, np.ndarray) else raw
+        src = Image.fromarray(raw) if isinstance(raw, np.ndarray) else raw  # uint8 [H, W] -> L, [H, W, 3] -> RGB
         prep = prepare(src, opts.resolution, fit=opts.fit, background=opts.background)
         data = encode(prep.image, opts.fmt, opts.quality)
     except BadImage as exc:

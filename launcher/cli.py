@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "launcher.train:add_demo_arguments", "launcher.train:run_demo"),
     "fid": ("FID/KID between two image folders or shard sets",
             "rgan_dist.metrics.cli:add_fid_arguments", "rgan_dist.metrics.cli:run_fid"),
+    "modes": ("Stacked-Digits modes covered (of 1000) and KL to uniform of an image folder or shard set",
+              "rgan_dist.metrics.cli:add_modes_arguments", "rgan_dist.metrics.cli:run_modes"),
     "eval": ("FID/KID of a checkpoint's generator against its training data",
              "launcher.evaluate:add_arguments", "launcher.evaluate:run"),
     "report": ("paper-style table and FID plots of an MLflow experiment",

@@ -34,6 +34,9 @@ LOSS_NAMES = (
 PENALTY_NAMES = ("none", "wgan-gp", "r1", "r2", "r1+r2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("single", "ddp", "deepspeed")
+# The metrics `eval.metrics` may list: the names of `rgan_dist.metrics.evaluator.METRICS` (a test keeps the
+# two equal; the registry itself imports torch, which a config check must not need).
+EVAL_METRICS = ("fid", "kid", "modes")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -127,15 +130,21 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(0, "Steps between FID evaluations (0: never during training).", min=0)
-    num_samples: int = _f(10_000, "Generated samples per FID (the paper: 50k).", min=2)
+    every: int = _f(0, "Steps between evaluations of eval.metrics (0: never during training).", min=0)
+    metrics: list[str] = _f(["fid", "kid"], "Metrics computed at each evaluation: fid, kid (needs fid; same "
+                            "Inception features), modes (Stacked-Digits modes covered of 1000 and KL to uniform; "
+                            "loads no Inception network).", choices=EVAL_METRICS)
+    num_samples: int = _f(10_000, "Generated samples per FID/KID (the paper: 50k).", min=2)
+    modes_samples: int = _f(26_000, "Generated samples per `modes` value (StackedMNIST protocol: 26k; coverage "
+                                    "and KL depend on it, so compare values at the same N).", min=1)
     batch_size: int = _f(100, "Generator/Inception batch per rank during evaluation (with g_mode train also the "
                               "BatchNorm batch: the paper's code sampled in batches of 100).", min=1)
-    g_mode: str = _f("eval", "Mode G samples FID images in: eval (BatchNorm running statistics, a sample never "
-                             "depends on its batch) or train (batch statistics, as the paper's official code; "
+    g_mode: str = _f("eval", "Mode G samples evaluation images in: eval (BatchNorm running statistics, a sample "
+                             "never depends on its batch) or train (batch statistics, as the paper's official code; "
                              "running statistics are left untouched).", choices=("eval", "train"))
     use_ema: bool = _f(True, "Evaluate the EMA generator (if train.ema > 0).")
-    kid: bool = _f(True, "Also compute KID.")
+    kid: bool = _f(True, "Kept so older configs and checkpoints load: false removes kid from eval.metrics; after "
+                         "loading it always equals `kid in eval.metrics`.")
     reference_samples: int = _f(0, "Real images in the FID reference statistics (0: eval.num_samples), capped at "
                                    "the data set size; cached beside the shards, keyed by network, size and N.", min=0)
     inception: str = _f("", "Inception TorchScript file; empty: $RGAN_INCEPTION_WEIGHTS, then pytorch-fid/"
@@ -266,6 +275,12 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}={value!r}: expected a list of {item_type.__name__}, e.g. [0.5, 0.999]")
         out = [_scalar(key, v, item_type) for v in value]
+        choices = meta.get("choices")
+        if choices is not None:
+            bad = [v for v in out if v not in choices]
+            if bad or len(set(out)) != len(out):
+                what = f"unknown {bad[0]!r}" if bad else "a name is repeated"
+                raise ConfigError(f"{key}={value!r}: {what}; list some of {', '.join(map(str, choices))}")
         if key == "train.betas" and (len(out) != 2 or not all(0.0 <= b < 1.0 for b in out)):
             raise ConfigError(f"{key}={value!r}: expected two numbers in [0, 1), e.g. [0.5, 0.999]")
         return out
@@ -344,6 +359,25 @@ def _check_consistency(cfg: Config) -> None:
         deepspeed_settings(cfg)
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples={cfg.eval.num_samples}: FID needs at least 2 samples")
+    _check_eval_metrics(cfg)
+
+
+def _check_eval_metrics(cfg: Config) -> None:
+    """`eval.metrics` against the rest; folds the legacy `eval.kid` in (false removes kid) and mirrors it back,
+    so that code reading either sees the same answer."""
+    e = cfg.eval
+    if not e.kid:
+        e.metrics = [m for m in e.metrics if m != "kid"]
+    e.kid = "kid" in e.metrics
+    if e.kid and "fid" not in e.metrics:
+        raise ConfigError(f"eval.metrics={e.metrics}: kid is computed from FID's Inception features; "
+                          "list fid too, e.g. [fid, kid]")
+    if e.every and not e.metrics:
+        raise ConfigError(f"eval.metrics=[] with eval.every={e.every}: list some of {', '.join(EVAL_METRICS)}, "
+                          "or set eval.every=0")
+    if "modes" in e.metrics and cfg.model.channels != 3:
+        raise ConfigError(f"eval.metrics lists modes but model.channels={cfg.model.channels}: Stacked-Digits "
+                          "modes are read from three channels; set model.channels=3")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`rgan fid A B`: FID and KID between two image folders or shard sets.
+"""`rgan fid A B`: FID and KID between two image folders or shard sets; `rgan modes SRC`: Stacked-Digits
+modes covered by one (`rgan_dist.metrics.modes`).
 
 Runs as one process, or under torchrun (every rank embeds its share of both sets; the numbers do not
 depend on the world size). Prints the values and, always, the line that makes them comparable:
@@ -180,4 +181,43 @@ def run_fid(args: argparse.Namespace) -> int:
     finally:
         if created:
             dist.destroy_process_group()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- modes
+
+
+def modes_of(spec: str, *, num_samples: int | None = None) -> dict[str, Any]:
+    """The `modes` record (`rgan_dist.metrics.modes.score`) of the first N images of a folder or shard set
+    (shards decoded at their stored size: the stacks as written). Default N: the protocol's 26,000."""
+    from rgan_dist.metrics.features import _iter_share
+    from rgan_dist.metrics.modes import DEFAULT_NUM_SAMPLES, batched, score
+
+    n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
+    if n < 1:
+        raise UsageError(f"--num-samples {n}: must be >= 1")
+    src = open_source(spec)
+    if src.total is not None:
+        n = min(n, src.total)
+    record = score(batched(_iter_share(src, n, 0, 1, 0)), num_samples=n)
+    record["source"] = spec
+    return record
+
+
+def add_modes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="Stacked-Digits images: a folder (searched recursively) or a shard "
+                                              "set (folder, manifest.json, URLs), e.g. from `rgan shards "
+                                              "sklearn:stacked-digits`")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N",
+                   help="score the first N images (default 26000, the StackedMNIST protocol; all if fewer)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
+
+
+def run_modes(args: argparse.Namespace) -> int:
+    from rgan_dist.metrics.modes import describe
+
+    record = modes_of(args.src, num_samples=args.num_samples)
+    print(describe(record), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return 0

@@ -1,7 +1,9 @@
-"""FID/KID of a generator against the reference statistics of its training data, on every rank.
+"""The metrics of `eval.metrics` in training, and FID/KID of a generator against its training data.
 
-Used by the training loop every `eval.every` steps (`FidEvaluator`, built by `make_evaluator`) and by
-`rgan eval --checkpoint` (`evaluate_generator`). Both rest on `rgan_dist.metrics.features`: every rank
+`make_evaluator` builds what the loop calls every `eval.every` steps from the registry `METRICS` (metric
+name -> the evaluator that computes it): `FidEvaluator` for fid/kid, `ModesEvaluator` for Stacked-Digits'
+modes (no Inception network), several of them combined by `EvaluatorSuite`. `rgan eval --checkpoint`
+uses `evaluate_generator`. Both rest on `rgan_dist.metrics.features`: every rank
 generates and embeds its share of the N samples, features are gathered in global order (so the value
 does not depend on the world size), and FID/KID is computed once on rank 0 and broadcast, so every rank
 takes the same best-checkpoint decision.
@@ -19,9 +21,11 @@ noise) and `rgan eval` on a checkpoint reproduces the value the run logged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +34,7 @@ import torch
 
 from rgan_dist.errors import UsageError
 from rgan_dist.metrics.features import (
+    batch_seed,
     broadcast_from_rank0,
     compare_on_rank0,
     dataset_stats,
@@ -125,31 +130,40 @@ def sample_fn(generator: torch.nn.Module, z_dim: int) -> Any:
 G_MODES = ("eval", "train")
 
 
-def evaluate_generator(generator: torch.nn.Module, net: InceptionNetwork, reference: FeatureStats, *,
-                       num_samples: int, z_dim: int, seed: int, batch_size: int, kid: bool,
-                       progress: bool = False, g_mode: str = "eval", ema: bool | None = None) -> dict[str, Any]:
-    """compare_stats' record (fid, kid, n_a, n_b, network_*, resize, ...) plus the protocol keys
-    (`PROTOCOL_KEYS`), identical on every rank.
+@contextlib.contextmanager
+def generator_mode(generator: torch.nn.Module, g_mode: str) -> Iterator[None]:
+    """Put G in the mode evaluation samples in, and leave it exactly as found (mode and BN buffers).
 
-    `g_mode` "eval": BatchNorm uses its running statistics, so a sample never depends on its batch.
-    "train": batch statistics over batches of `batch_size`, as the paper's official code sampled (batches
-    of 100); G's running statistics are saved and restored, so evaluating never changes the model.
-    `ema` only labels the record (whether `generator` is the EMA copy)."""
+    "eval": BatchNorm uses its running statistics, so a sample never depends on its batch. "train": batch
+    statistics, as the paper's official code sampled; the running statistics that this updates are restored."""
     if g_mode not in G_MODES:
         raise UsageError(f"g_mode={g_mode!r}: choose one of {', '.join(G_MODES)}")
     was_training = generator.training
     saved = {k: b.clone() for k, b in generator.named_buffers()} if g_mode == "train" else {}
     generator.train(g_mode == "train")
     try:
-        device = next(generator.parameters()).device
-        gen = generator_stats(sample_fn(generator, z_dim), num_samples, batch_size, network=net, device=device,
-                              seed=seed, keep_features=kid, progress=progress)
+        yield
     finally:
         generator.train(was_training)
         with torch.no_grad():
             for k, b in generator.named_buffers():
                 if k in saved:
                     b.copy_(saved[k])
+
+
+def evaluate_generator(generator: torch.nn.Module, net: InceptionNetwork, reference: FeatureStats, *,
+                       num_samples: int, z_dim: int, seed: int, batch_size: int, kid: bool,
+                       progress: bool = False, g_mode: str = "eval", ema: bool | None = None) -> dict[str, Any]:
+    """compare_stats' record (fid, kid, n_a, n_b, network_*, resize, ...) plus the protocol keys
+    (`PROTOCOL_KEYS`), identical on every rank.
+
+    `g_mode`: see `generator_mode` ("train" normalises over batches of `batch_size`, as the paper's official
+    code sampled in batches of 100); evaluating never changes the model. `ema` only labels the record
+    (whether `generator` is the EMA copy)."""
+    with generator_mode(generator, g_mode):
+        device = next(generator.parameters()).device
+        gen = generator_stats(sample_fn(generator, z_dim), num_samples, batch_size, network=net, device=device,
+                              seed=seed, keep_features=kid, progress=progress)
     ref = reference if kid or reference.features is None else \
         FeatureStats(reference.mu, reference.sigma, reference.n, reference.meta)
     result = compare_on_rank0(gen, ref)
@@ -280,9 +294,128 @@ def _jsonable(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else str(v)
 
 
-def make_evaluator(cfg: Config, strategy: Any, tracker: Tracker | None = None) -> FidEvaluator | None:
-    """The loop's default evaluator; None when `eval.every` is 0 (then no network is even looked for)."""
+# --------------------------------------------------------------------------------------------- modes
+
+
+def generated_mode_counts(generator: torch.nn.Module, *, z_dim: int, num_samples: int, batch_size: int, seed: int,
+                          resolution: int, g_mode: str = "eval") -> tuple[np.ndarray, Any]:
+    """The Stacked-Digits mode histogram [1000] of `num_samples` generated images, the same on every rank.
+
+    Latents follow `compute_generator_features`' scheme (global batch k drawn from `batch_seed(seed, k)`,
+    batches split contiguously across ranks), so the value depends neither on the world size nor on which
+    metrics run beside it. Each rank classifies its share on the CPU; the histograms are summed.
+    Returns (counts, the classifier used)."""
+    from rgan_dist.metrics.modes import load_classifier, mode_histogram
+
+    classifier = load_classifier(resolution)
+    rank, world = rank_world()
+    lo, hi = share(math.ceil(num_samples / batch_size), rank, world)
+    sample = sample_fn(generator, z_dim)
+    device = next(generator.parameters()).device
+
+    def batches() -> Iterator[np.ndarray]:
+        for k in range(lo, hi):
+            gen = torch.Generator(device=device).manual_seed(batch_seed(seed, k))
+            with torch.no_grad():
+                images = sample(min(batch_size, num_samples - k * batch_size), gen)
+            if images.shape[1] != 3:
+                raise UsageError(f"modes: the generator makes {images.shape[1]}-channel images; Stacked-Digits "
+                                 "modes need 3 (model.channels=3)")
+            yield images.permute(0, 2, 3, 1).cpu().numpy()
+
+    with generator_mode(generator, g_mode):
+        local, _ = mode_histogram(batches(), classifier=classifier)
+    counts = gather_rows(torch.from_numpy(local)[None]).sum(0).numpy()
+    return counts, classifier
+
+
+class ModesEvaluator:
+    """`evaluator(step, generator)` -> {"modes", "modes_kl", "modes_classifier_accuracy", "modes_seconds",
+    "eval_seconds"}, the same on every rank: Stacked-Digits modes of `eval.modes_samples` generated images
+    (`rgan_dist.metrics.modes`). Needs no Inception network and no reference statistics."""
+
+    def __init__(self, cfg: Config, *, tracker: Tracker | None = None, device: torch.device | str = "cpu",
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.history: list[dict[str, Any]] = []
+        self.protocol: dict[str, str] | None = None
+
+    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]:
+        from rgan_dist.metrics.modes import summarize
+
+        t0 = time.perf_counter()
+        e = self.cfg.eval
+        counts, clf = generated_mode_counts(generator, z_dim=self.cfg.model.z_dim, num_samples=e.modes_samples,
+                                            batch_size=e.batch_size, seed=self.cfg.train.seed + EVAL_SEED_OFFSET,
+                                            resolution=self.cfg.model.resolution, g_mode=e.g_mode)
+        seconds = time.perf_counter() - t0
+        metrics = {**summarize(counts), "modes_classifier_accuracy": clf.held_out_accuracy,
+                   "modes_seconds": seconds, "eval_seconds": seconds}
+        self.protocol = {"modes.num_samples": str(int(counts.sum())), "modes.resolution": str(clf.resolution),
+                         "modes.classifier": json.dumps(clf.key, sort_keys=True),
+                         "modes.classifier_held_out": str(clf.held_out_count), "modes.g_mode": e.g_mode,
+                         "modes.ema": str(e.use_ema and self.cfg.train.ema > 0)}
+        if rank_world()[0] == 0:
+            self.history.append({"step": step, **metrics})
+            print(f"rgan: step {step}: modes {int(metrics['modes'])}/1000, KL {metrics['modes_kl']:.4f}; "
+                  f"N={int(counts.sum())}, digit classifier held-out accuracy {clf.held_out_accuracy:.4f} "
+                  f"[{seconds:.1f}s]", flush=True)
+        return metrics
+
+
+class EvaluatorSuite:
+    """Several evaluators run as one: their dicts merged, `eval_seconds` the total, protocols joined."""
+
+    def __init__(self, evaluators: list[Any]) -> None:
+        self.evaluators = evaluators
+        self.protocol: dict[str, str] | None = None
+
+    @property
+    def tracker(self) -> Tracker | None:
+        return self.evaluators[0].tracker
+
+    @tracker.setter
+    def tracker(self, value: Tracker | None) -> None:
+        for ev in self.evaluators:
+            ev.tracker = value
+
+    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        protocol: dict[str, str] = {}
+        total = 0.0
+        for ev in self.evaluators:
+            result = ev(step, generator)
+            total += result.get("eval_seconds", 0.0)
+            out.update(result)
+            protocol.update(getattr(ev, "protocol", None) or {})
+        out["eval_seconds"] = total
+        self.protocol = protocol or None
+        return out
+
+
+# What computes each name `eval.metrics` may list (config.EVAL_METRICS mirrors the keys; a test checks):
+# metrics that share an evaluator (fid and kid: one Inception pass) are computed by one instance.
+METRICS: dict[str, type] = {"fid": FidEvaluator, "kid": FidEvaluator, "modes": ModesEvaluator}
+
+
+def make_evaluator(cfg: Config, strategy: Any, tracker: Tracker | None = None) -> Any:
+    """The loop's evaluator for `eval.metrics`; None when `eval.every` is 0 (then no network is even looked
+    for). Only the listed metrics' evaluators are built: `[modes]` alone loads no Inception network."""
     if not cfg.eval.every:
         return None
-    return FidEvaluator(cfg, tracker=tracker, inception=cfg.eval.inception or None, device=strategy.device,
-                        progress=bool(cfg.train.progress) and strategy.is_main)
+    unknown = [m for m in cfg.eval.metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"eval.metrics: unknown {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    kinds = list(dict.fromkeys(METRICS[m] for m in cfg.eval.metrics))
+    progress = bool(cfg.train.progress) and strategy.is_main
+    evaluators = []
+    for kind in kinds:
+        if kind is FidEvaluator:
+            evaluators.append(FidEvaluator(cfg, tracker=tracker, inception=cfg.eval.inception or None,
+                                           device=strategy.device, progress=progress))
+        else:
+            evaluators.append(kind(cfg, tracker=tracker, device=strategy.device, progress=progress))
+    if not evaluators:
+        return None
+    return evaluators[0] if len(evaluators) == 1 else EvaluatorSuite(evaluators)
