@@ -64,6 +64,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,7 +128,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("stacked", "Stacked-Digits", "modes", "modes_kl", True, "modes covered (of 1000)"),
     Workload("emoji", "Emoji", "fid", "kid", False, "FID"),
 )}
-METRIC_OVERRIDES = {"stacked": ("eval.metrics=[modes]",), "emoji": ("eval.kid=true",)}
+METRIC_OVERRIDES = {"stacked": ("eval.metrics=[modes]",), "emoji": ("eval.metrics=[fid, kid]",)}
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,15 @@ PROFILES: dict[str, Profile] = {
                      batch_size=32, stacked_count=2000, workloads={
                          "stacked": WorkloadProfile(6.0, (0.5, 1.0), ("rsgan", "rasgan-gp"), 32, 2000),
                          "emoji": WorkloadProfile(6.0, (1.0,), ("rsgan", "rasgan-gp"), 32, 64)}),
-    # The 2-core CPU box, ~60 min of wall time with --parallel 2 (the module docstring of the report says how
-    # the budgets were chosen); FID only at the end, where N = 1000 costs ~2 minutes of one core.
+    # The 2-core CPU box, ~60 min of wall time with --parallel 2 on a quiet machine. Measured there (1 thread,
+    # width 32, batch 64, 32x32, data decoded in the run): ~0.10 CPU s per G step for the n_D = 1 losses without
+    # penalty, ~0.47 for WGAN-GP (n_D = 5); a `modes` value of 26k samples ~12 s; FID of N generated samples
+    # ~N / 8 s (the TF-Inception network embeds ~8 img/s on one thread); ~8 s to start a run. So per stacked run
+    # 150 + 4 x 12 + 8 ~ 206 s, per emoji run 120 + 130 + 8 ~ 258 s: 18 x 206 + 12 x 258 ~ 6800 run-seconds,
+    # ~57 min on 2 cores, plus ~4 min once for shards and the FID reference statistics. FID only at the end.
     "cpu": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
                    batch_size=64, stacked_count=20_000, workloads={
-                       "stacked": WorkloadProfile(150.0, (0.1, 0.25, 0.5, 0.75, 1.0),
+                       "stacked": WorkloadProfile(150.0, (0.25, 0.5, 0.75, 1.0),
                                                   ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2"),
                                                   32, 26_000),
                        "emoji": WorkloadProfile(120.0, (1.0,), ("sgan", "rasgan", "wgan-gp", "rasgan-gp"), 32,
@@ -339,9 +344,10 @@ def plan_runs(args: argparse.Namespace, data: dict[str, str]) -> list[RunSpec]:
 
 
 def eval_sample_overrides(workload: str, n: int) -> tuple[str, ...]:
+    """N of the workload's metric: FID/KID of N generated vs N real images; modes of N generated stacks."""
     if workload == "emoji":
         return (f"eval.num_samples={n}", f"eval.reference_samples={n}")
-    return (f"eval.num_samples={n}",)
+    return (f"eval.modes_samples={n}",)
 
 
 # ------------------------------------------------------------------------------------------------- a run
@@ -564,8 +570,11 @@ def fmt_spread(key: str, s: tuple[float, float, float, int] | None, total: int) 
     return text if n == total else f"{text} [{n}/{total}]"
 
 
-def _seconds(s: float | None) -> str:
-    return "-" if s is None else f"{s:.0f} s"
+def _secs(s: float | None) -> str:
+    """Seconds as a table shows them: whole seconds, one decimal below 10 s (the smoke profile's budgets)."""
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
 
 
 def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, plot: str | None) -> str:
@@ -579,14 +588,17 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
     tgt = resolve_target(target, runs, wl.metric)
     res = cfg.get("model.resolution")
     lines = [f"### {wl.title} {res}x{res}: {wl.metric_label} vs training budget", ""]
-    n_eval = cfg.get("eval.num_samples")
-    lines.append(f"Budget {budgets[-1]:.0f} s per run ({_clock_words(first['settings']['clock'])}); evaluated at "
-                 f"{', '.join(f'{b:.0f} s' for b in budgets)}; N = {n_eval} generated samples per evaluation; "
+    n_eval = cfg.get("eval.modes_samples" if wl.metric == "modes" else "eval.num_samples")
+    if tgt:
+        target_text = f"Target: {wl.metric} {'>=' if wl.higher_is_better else '<='} {tgt[1]}."
+    else:
+        target_text = f"Target {target}: no such runs here." if target else "No target given."
+    lines.append(f"Budget {_secs(budgets[-1])} per run ({_clock_words(first['settings']['clock'])}); evaluated at "
+                 f"{', '.join(_secs(b) for b in budgets)}; N = {n_eval} generated samples per evaluation; "
                  f"{cfg.get('model.arch')} width {cfg.get('model.width')}, batch {cfg.get('train.batch_size')}. "
-                 + (f"Target: {wl.metric} {'>=' if wl.higher_is_better else '<='} {tgt[1]}." if tgt else
-                    "No target given."))
+                 + target_text)
     lines.append("")
-    head = ["variant", "seed", *[f"{wl.metric} @ {b:.0f} s" for b in budgets], f"{wl.secondary} @ end",
+    head = ["variant", "seed", *[f"{wl.metric} @ {_secs(b)}" for b in budgets], f"{wl.secondary} @ end",
             "G steps", "time to target"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -594,12 +606,12 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
         ttt = time_to_target(pts, wl.metric, tgt[0], wl.higher_is_better) if tgt else None
         cells = [r["label"], str(r["seed"]), *[fmt_value(wl.metric, value_at(r, f, wl.metric)) for f in fractions],
                  fmt_value(wl.secondary, value_at(r, 1.0, wl.secondary)), str(pts[-1]["step"]) if pts else "-",
-                 ("not reached" if ttt is None else _seconds(ttt)) if tgt else "-"]
+                 ("not reached" if ttt is None else _secs(ttt)) if tgt else "-"]
         if r["outcome"] != "completed":
             cells[-1] += f" ({r['outcome']})"
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per variant: mean (min..max) over seeds; [n/k] where only n of k runs have a value.", ""]
-    head = ["variant", "runs", *[f"{wl.metric} @ {b:.0f} s" for b in budgets], f"{wl.secondary} @ end",
+    head = ["variant", "runs", *[f"{wl.metric} @ {_secs(b)}" for b in budgets], f"{wl.secondary} @ end",
             "time to target (reached)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for vkey in VARIANTS:
@@ -615,7 +627,7 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
             s = spread(times)
             reached = 0 if s is None else s[3]
             cells.append(f"{reached}/{k}" + ("" if s is None else
-                                              f": {s[0]:.0f} s ({s[1]:.0f}..{s[2]:.0f})"))
+                                              f": {_secs(s[0])} ({_secs(s[1])}..{_secs(s[2])})"))
         else:
             cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -844,7 +856,7 @@ def run_all(specs: list[RunSpec], results: Results, args: argparse.Namespace, tr
                     env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-                log = open(logs / f"{spec.name}.log", "w")  # noqa: SIM115 - closed when the run ends
+                log = open(logs / f"{spec.name}.log", "a")  # noqa: SIM115 - closed when the run ends
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_run", str(spec_path)],
                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
                 running[slot] = (spec, proc, spec_path, log)
@@ -855,25 +867,37 @@ def run_all(specs: list[RunSpec], results: Results, args: argparse.Namespace, tr
                     continue
                 log.close()
                 del running[slot]
-                result = spec_path.with_suffix(".result.json")
-                if proc.returncode == 0 and result.is_file():
-                    record = json.loads(result.read_text())
-                    results.add(record)
-                    last = record["points"][-1] if record["points"] else {}
-                    print(f"ttq: finished {spec.name}: {record['outcome']}, {last.get('step', 0)} G steps in "
-                          f"{last.get('spent_s', 0):.0f} s of budget, {record['wall_s']:.0f} s wall", flush=True)
-                else:
+                if not _collect(spec, spec_path, results):
                     failed += 1
                     print(f"ttq: FAILED {spec.name} (exit {proc.returncode}); see {log.name}; not recorded, a rerun "
                           f"retries it", file=sys.stderr, flush=True)
     finally:
-        for _spec, proc, _, log in running.values():  # interrupted: stop our own children only, by pid
+        for spec, proc, spec_path, log in running.values():  # interrupted: stop our own children, by pid
             if proc.poll() is None:
                 proc.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(30)
             log.close()
+            _collect(spec, spec_path, results)  # a run that finished just before the signal still counts
     return failed
+
+
+def _collect(spec: RunSpec, spec_path: Path, results: Results) -> bool:
+    """Append the run's record if its process wrote one (atomically, as its last act): the record, not the
+    exit status, says the run finished."""
+    result = spec_path.with_suffix(".result.json")
+    if not result.is_file():
+        return False
+    record = json.loads(result.read_text())
+    results.add(record)
+    last = record["points"][-1] if record["points"] else {}
+    print(f"ttq: finished {spec.name}: {record['outcome']}, {last.get('step', 0)} G steps in "
+          f"{last.get('spent_s', 0):.0f} s of budget, {record['wall_s']:.0f} s wall", flush=True)
+    return True
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _visible_gpus(device: str) -> list[str]:
@@ -915,7 +939,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch's default)")
     ap.add_argument("--parallel", type=int, default=None, help="runs at once, each its own process")
-    ap.add_argument("--target-modes", default="900", help="modes target: a number or final:VARIANT (default 900)")
+    ap.add_argument("--target-modes", default="final:wgan-gp",
+                    help="modes target: a number or final:VARIANT (default final:wgan-gp)")
     ap.add_argument("--target-fid", default="final:wgan-gp",
                     help="FID target: a number or final:VARIANT (default final:wgan-gp)")
     ap.add_argument("--emoji-dir", type=Path, default=Path("data/emoji"), help="emoji images (default data/emoji)")
@@ -929,6 +954,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args._run:
         return args
     p = PROFILES[args.profile]
+    args.seeds_text = args.seeds
     args.out = args.out or Path(f"runs/time_to_quality-{args.profile}")
     args.data_dir = args.data_dir or args.out / "data"
     try:
@@ -938,9 +964,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             if w not in WORKLOADS:
                 raise ValueError(f"--workloads: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
         variants = tuple(dict.fromkeys(variant_key(v) for v in _csv(args.variants))) if args.variants else None
-        args.seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else list(p.seeds)
+        try:
+            args.seeds = list(dict.fromkeys(int(s) for s in _csv(args.seeds))) if args.seeds else list(p.seeds)
+        except ValueError:
+            args.seeds = []
         if not args.seeds or min(args.seeds) < 0:
-            raise ValueError("--seeds: one or more integers >= 0")
+            raise ValueError(f"--seeds {args.seeds_text}: one or more integers >= 0, e.g. 0,1,2")
         fractions = tuple(float(f) for f in _csv(args.points)) if args.points else None
         args.workload_profiles = {}
         for w in args.workloads:
@@ -1021,10 +1050,11 @@ def _main(argv: Sequence[str] | None) -> int:
     specs = plan_runs(args, data)
     todo = [s for s in specs if results.finished(s) is None]
     given = list(argv) if argv is not None else sys.argv[1:]
-    results.data.setdefault("invocations", []).append({
-        "command": shlex.join(["python", "benchmarks/time_to_quality.py", *given]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "profile": args.profile, "clock": args.clock,
-        "machine": machine_info(args.device), "planned": len(specs), "to_run": len(todo)})
+    if todo:  # the invocations that ran something: the report names them (command, machine, load)
+        results.data.setdefault("invocations", []).append({
+            "command": shlex.join(["python", "benchmarks/time_to_quality.py", *given]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "profile": args.profile, "clock": args.clock,
+            "machine": machine_info(args.device), "planned": len(specs), "to_run": len(todo)})
     results.data["clock"] = args.clock
     print(f"ttq: {len(specs)} runs planned, {len(specs) - len(todo)} already finished in {results.path}, "
           f"{len(todo)} to run, {args.parallel} at a time; clock {args.clock}", flush=True)
@@ -1046,6 +1076,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if first is not None:
             warm_reference(first)
     status = "FAILED"
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` of a background benchmark stops its runs too
     try:
         failed = run_all(todo, results, args, uri)
         status = "FINISHED" if not failed else "FAILED"
