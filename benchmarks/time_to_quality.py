@@ -38,8 +38,9 @@ config asks for) and `trainer.save_samples()`. No second training loop.
   0.1 is our untuned choice for 32x32 images, not a value taken from its paper.
 
 **Workloads**: `stacked` (Stacked-Digits 32x32, 1000 modes, metric `modes` and `modes_kl`; shards made
-once with `rgan shards sklearn:stacked-digits`) and `emoji` (real emoji, 32x32 on CPU, 64x64 on GPU,
-FID + KID; shards made once from `--emoji-dir`). Reference statistics are computed once before the runs.
+once with `rgan shards sklearn:stacked-digits`, the same images for every seed) and `emoji` (real emoji,
+32x32 on CPU, 64x64 on GPU, FID + KID; shards made once from `--emoji-dir`). FID reference statistics are
+computed once, before the runs.
 
 **Output** in `--out`: `results.json` (every point of every run, machine, torch, configs, clock; one run
 appended as it finishes), `results.md` (the section that goes into benchmarks/RESULTS.md: per-seed table,
@@ -152,6 +153,7 @@ class Profile:
     width: int
     batch_size: int
     stacked_count: int      # Stacked-Digits training images
+    eval_batch: int         # generator/Inception batch of an evaluation (values do not depend on it: G in eval mode)
     workloads: dict[str, WorkloadProfile]
 
 
@@ -159,7 +161,7 @@ ALL = tuple(VARIANTS)
 PROFILES: dict[str, Profile] = {
     # The test's profile: a few seconds of training per run, small N; shows the machinery, not a result.
     "smoke": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1), width=16,
-                     batch_size=32, stacked_count=2000, workloads={
+                     batch_size=32, stacked_count=2000, eval_batch=50, workloads={
                          "stacked": WorkloadProfile(6.0, (0.5, 1.0), ("rsgan", "rasgan-gp"), 32, 2000),
                          "emoji": WorkloadProfile(6.0, (1.0,), ("rsgan", "rasgan-gp"), 32, 64)}),
     # The 2-core CPU box, ~60 min of wall time with --parallel 2 on a quiet machine. Measured there (1 thread,
@@ -169,7 +171,7 @@ PROFILES: dict[str, Profile] = {
     # 150 + 4 x 12 + 8 ~ 206 s, per emoji run 120 + 130 + 8 ~ 258 s: 18 x 206 + 12 x 258 ~ 6800 run-seconds,
     # ~57 min on 2 cores, plus ~4 min once for shards and the FID reference statistics. FID only at the end.
     "cpu": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
-                   batch_size=64, stacked_count=20_000, workloads={
+                   batch_size=64, stacked_count=20_000, eval_batch=50, workloads={
                        "stacked": WorkloadProfile(150.0, (0.25, 0.5, 0.75, 1.0),
                                                   ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2"),
                                                   32, 26_000),
@@ -178,7 +180,7 @@ PROFILES: dict[str, Profile] = {
     # One GPU: every variant, emoji at 64x64, FID of 10k samples at several points. 11 variants x 3 seeds x
     # (300 s + 600 s) of training is ~8.3 h plus evaluation; select variants/seeds to fit what you have.
     "gpu": Profile(clock="wall", device="cuda", threads=0, parallel=1, seeds=(0, 1, 2), width=64,
-                   batch_size=64, stacked_count=50_000, workloads={
+                   batch_size=64, stacked_count=50_000, eval_batch=500, workloads={
                        "stacked": WorkloadProfile(300.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 32, 26_000),
                        "emoji": WorkloadProfile(600.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 64, 10_000)}),
 }
@@ -332,6 +334,7 @@ def plan_runs(args: argparse.Namespace, data: dict[str, str]) -> list[RunSpec]:
                 overrides = [
                     f"data.shards={data[wname]}", f"model.resolution={wp.resolution}", f"model.width={args.width}",
                     f"train.batch_size={args.batch_size}", f"run.device={args.device}",
+                    f"eval.batch_size={args.eval_batch}",
                     *METRIC_OVERRIDES[wname], *eval_sample_overrides(wname, wp.eval_samples),
                     *VARIANTS[vkey].overrides, f"train.seed={seed}", *args.set,
                     f"run.name=ttq-{wname}-{vkey}-seed{seed}",
@@ -991,6 +994,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.width = args.width or p.width
     args.batch_size = args.batch_size or p.batch_size
     args.stacked_count = args.stacked_count or p.stacked_count
+    args.eval_batch = p.eval_batch
     for name in ("parallel", "width", "batch_size", "stacked_count", "eval_samples"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -1028,11 +1032,6 @@ def _main(argv: Sequence[str] | None) -> int:
     from rgan_dist.errors import UsageError
     from rgan_dist.tracking import resolve_store, ui_command
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise usage_error("--device cuda (the gpu profile): no CUDA device here; use --profile cpu")
     try:  # every override checked before anything starts: a bad --set fails in one line, not in N runs
         base = load_config(CONFIG, args.set)
         probe = plan_runs(args, {w: "probe" for w in args.workloads})
@@ -1045,7 +1044,11 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"{spec.name}: budgets {[round(b, 1) for b in spec.budgets]} s, clock {spec.clock}; "
                   + " ".join(spec.overrides))
         return 0
+    if args.device == "cuda":
+        import torch
 
+        if not torch.cuda.is_available():
+            raise usage_error("--device cuda (the gpu profile): no CUDA device here; use --profile cpu")
     data = {w: prepare_data(w, args, args.workload_profiles[w].resolution) for w in args.workloads}
     specs = plan_runs(args, data)
     todo = [s for s in specs if results.finished(s) is None]
