@@ -1,0 +1,209 @@
+"""benchmarks/time_to_quality.py: its own logic (budget points, the budget loop, time to target, seed
+spread, targets, the table) on small made-up inputs, and the smoke profile end to end (slow, ~60 s on a
+2-core CPU): real Stacked-Digits shards, two variants x two seeds through the project's Trainer, the
+`modes` metric, MLflow parent and child runs, and a rerun that skips what finished."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "time_to_quality.py"
+_spec = importlib.util.spec_from_file_location("time_to_quality", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+ttq = importlib.util.module_from_spec(_spec)
+sys.modules["time_to_quality"] = ttq  # dataclasses look their module up by name
+_spec.loader.exec_module(ttq)
+
+
+def test_budget_points_are_fractions_of_the_budget_ending_at_it():
+    assert ttq.budget_points(200, [0.25, 0.5, 0.75, 1.0]) == [50, 100, 150, 200]
+    assert ttq.budget_points(100, [0.5, 0.1, 0.5]) == [10, 50, 100]  # sorted, deduplicated, 1.0 added
+    for budget, fractions in ((0, [1.0]), (-5, [1.0]), (math.inf, [1.0]), (10, [0.0, 1.0]), (10, [1.5]), (10, [])):
+        with pytest.raises(ValueError):
+            ttq.budget_points(budget, fractions)
+
+
+def test_train_until_times_only_the_steps_and_stops_at_the_first_step_past_the_target():
+    now = [0.0]
+    calls = []
+
+    def clock() -> float:
+        return now[0]
+
+    def step() -> None:
+        calls.append(now[0])
+        now[0] += 0.3  # a step costs 0.3 s of the clock
+
+    spent, n = ttq.train_until(step, clock, 0.0, 1.0)
+    assert n == 4 and math.isclose(spent, 1.2)  # 0.9 < 1.0, so a 4th step; overshoot under one step
+    now[0] += 100.0  # time between the calls (an evaluation) is not charged
+    spent, n = ttq.train_until(step, clock, spent, 2.0)
+    assert n == 3 and math.isclose(spent, 2.1)
+    assert ttq.train_until(step, clock, 2.1, 2.0) == (2.1, 0)
+
+
+def _points(values, key="modes"):
+    return [{"fraction": (i + 1) / len(values), "spent_s": 10.0 * (i + 1), "step": 5 * (i + 1),
+             "metrics": {} if v is None else {key: v}} for i, v in enumerate(values)]
+
+
+def test_time_to_target_is_the_first_point_that_meets_it():
+    assert ttq.time_to_target(_points([100, 850, 920, 990]), "modes", 900, True) == 30.0
+    assert ttq.time_to_target(_points([100, 850]), "modes", 900, True) is None
+    assert ttq.time_to_target(_points([None, 950]), "modes", 900, True) == 20.0  # a missing value never meets it
+    assert ttq.time_to_target(_points([80.0, 41.0, 39.0], "fid"), "fid", 40.0, False) == 30.0
+    assert ttq.time_to_target(_points([float("nan"), 30.0], "fid"), "fid", 40.0, False) == 20.0
+
+
+def test_spread_is_mean_min_max_n_of_the_finite_values():
+    assert ttq.spread([3, 1, 2]) == (2.0, 1.0, 3.0, 3)
+    assert ttq.spread([None, 4.0, float("nan"), 6.0]) == (5.0, 4.0, 6.0, 2)
+    assert ttq.spread([None]) is None and ttq.spread([]) is None
+
+
+def _run(variant, seed, values, key="modes", kl=None):
+    points = _points(values, key)
+    if kl is not None:
+        points[-1]["metrics"]["modes_kl"] = kl
+    return {"workload": "stacked" if key == "modes" else "emoji", "variant": variant,
+            "label": ttq.VARIANTS[variant].label, "seed": seed, "outcome": "completed", "points": points,
+            "settings": {"budgets": [10.0 * (i + 1) for i in range(len(values))], "clock": "process_cpu",
+                         "threads": 1, "overrides": []},
+            "config": {"model.resolution": 32, "model.arch": "dcgan", "model.width": 32, "train.batch_size": 64,
+                       "eval.modes_samples": 26000, "eval.num_samples": 1000}}
+
+
+def test_targets_are_numbers_or_a_variants_mean_final_value():
+    runs = [_run("wgan-gp", 0, [50.0, 40.0], "fid"), _run("wgan-gp", 1, [60.0, 30.0], "fid"),
+            _run("sgan", 0, [70.0, 20.0], "fid")]
+    assert ttq.resolve_target("final:WGAN-GP", runs, "fid")[0] == 35.0
+    assert ttq.resolve_target("42", runs, "fid")[0] == 42.0
+    assert ttq.resolve_target("final:rasgan", runs, "fid") is None  # no such runs
+    assert ttq.resolve_target(None, runs, "fid") is None
+    for bad in ("final:nope", "fast"):
+        with pytest.raises(ValueError):
+            ttq.check_target(bad)
+
+
+def test_variants_are_named_by_key_or_label_and_gp_variants_use_setup_2():
+    assert ttq.variant_key("RaSGAN-GP") == ttq.variant_key("rasgan-gp") == "rasgan-gp"
+    with pytest.raises(ValueError, match="unknown variant"):
+        ttq.variant_key("dcgan")
+    assert len(ttq.VARIANTS) == 11
+    for key in ("wgan-gp", "rsgan-gp", "rasgan-gp"):
+        o = ttq.VARIANTS[key].overrides
+        setup_2 = {"loss.penalty=wgan-gp", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "model.d_batch_norm=false"}
+        assert setup_2 <= set(o)
+    assert "train.n_dis=5" in ttq.VARIANTS["wgan-gp"].overrides
+    r3gan = {"loss.name=rsgan", "loss.penalty=r1+r2", "model.d_batch_norm=false"}
+    assert r3gan <= set(ttq.VARIANTS["rpgan-r1r2"].overrides)
+
+
+def test_every_variant_and_profile_makes_a_valid_config():
+    from rgan_dist.config import load_config
+
+    for name in ttq.PROFILES:
+        args = ttq.parse_args(["--profile", name, "--variants", ",".join(ttq.VARIANTS), "--workloads", "stacked,emoji",
+                               "--seeds", "0"])
+        for spec in ttq.plan_runs(args, {"stacked": "data/s", "emoji": "data/e"}):
+            cfg = load_config(ttq.CONFIG, spec.overrides)
+            assert cfg.train.seed == spec.seed and cfg.eval.every > 0
+
+
+def test_table_has_a_row_per_seed_and_the_spread_per_variant():
+    runs = [_run("sgan", 0, [100, 500, 800], kl=1.5), _run("sgan", 1, [300, 700, 950], kl=0.5),
+            _run("rasgan", 0, [200, 910, 990], kl=0.1)]
+    md = ttq.workload_section("stacked", runs, "900", "plot.png")
+    assert "| SGAN | 0 | 100 | 500 | 800 | 1.50 | 15 | not reached |" in md
+    assert "| RaSGAN | 0 | 200 | 910 | 990 | 0.10 | 15 | 20 s |" in md
+    assert ("| SGAN | 2 | 200 (100..300) | 600 (500..700) | 875 (800..950) | 1.00 (0.50..1.50) "
+            "| 1/2: 30 s (30 s..30 s) |") in md
+    assert "Target: modes >= 900." in md and "![Stacked-Digits" in md
+    report = ttq.markdown_report({"invocations": [{"command": "python benchmarks/time_to_quality.py --profile cpu",
+                                                   "machine": {"cpu": "X", "cpu_count": 2, "loadavg": [1.0]}}],
+                                  "runs": runs}, {"stacked": "900"}, {"stacked": "p.png"})
+    assert report.startswith("## Time to quality") and "--profile cpu" in report
+
+
+def test_budget_step_tracker_logs_at_budget_seconds():
+    seen = []
+
+    class Inner:
+        run_id = "r"
+
+        def log_metrics(self, metrics, step, context=None):
+            seen.append((metrics, step))
+
+    t = ttq.BudgetStepTracker(Inner())
+    t.budget_step = 150
+    t.log_metrics({"modes": 3.0}, 4321)
+    assert seen == [({"modes": 3.0, "gen_step": 4321.0}, 150)] and t.run_id == "r"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "sgan,nope"], "unknown variant 'nope'"),
+    (["--points", "0,1"], "points must be fractions"),
+    (["--seeds", "a"], "--seeds a: one or more integers"),
+    (["--workloads", "cifar"], "unknown workload 'cifar'"),
+    (["--target-fid", "fast"], "target 'fast'"),
+    (["--set", "train.nope=1", "--dry-run"], "unknown key train.nope"),
+])
+def test_bad_flags_give_one_line(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ttq.main([*flags, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_smoke_profile_end_to_end_and_resume(tmp_path):
+    """Two variants x two seeds of the smoke profile (measured ~55 s on the 2-core CPU), then the same
+    command again: nothing reruns, the report is rebuilt."""
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(SCRIPT), "--profile", "smoke", "--out", str(out), "--budget", "4",
+           "--set", f"tracking.mlflow_uri=sqlite:///{db}", "--eval-samples", "1000"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["clock"] == "process_cpu" and data["invocations"][0]["machine"]["torch"]
+    runs = {(r["variant"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {("rsgan", 0), ("rsgan", 1), ("rasgan-gp", 0), ("rasgan-gp", 1)}
+    for r in runs.values():
+        assert r["outcome"] == "completed" and [p["budget_s"] for p in r["points"]] == [2.0, 4.0]
+        assert all(p["spent_s"] >= p["budget_s"] and 0 <= p["metrics"]["modes"] <= 1000 for p in r["points"])
+        assert r["points"][1]["step"] > r["points"][0]["step"] > 0 and r["config"]["eval.metrics"] == ["modes"]
+    # RaSGAN-GP runs setup 2 and costs more per step: fewer G steps in the same budget
+    assert runs[("rasgan-gp", 0)]["config"]["train.lr_d"] == 1e-4
+    md = (out / "results.md").read_text()
+    assert md.count("| RSGAN | ") == 3 and md.count("| RaSGAN-GP | ") == 3  # 2 seeds + the per-variant row
+    assert (out / "time_to_quality_stacked.png").stat().st_size > 10_000
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("time-to-quality")
+    parent = data["mlflow"]["parent_run_id"]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    history = client.get_metric_history(children[0].info.run_id, "modes")
+    assert sorted(m.step for m in history) == [2, 4]  # step = budget seconds
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 already finished" in again.stdout and "started" not in again.stdout
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
+    (out / "results.md").unlink()
+    only = subprocess.run([*cmd, "--report-only"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=60)
+    assert only.returncode == 0 and (out / "results.md").read_text() == md
