@@ -27,9 +27,11 @@ import torch
 
 from rgan_dist.errors import UsageError
 
-_ROLLING = re.compile(r"^ckpt-(\d{8})\.pt$")
-_SIDECAR = re.compile(r"^ckpt-(\d{8})\.ds$")
-_TEMP = re.compile(r"^\.ckpt-\d{8}\.pt\.tmp-\d+$")
+# `ckpt-{step:08d}`: eight digits at least, more past step 99,999,999. Names therefore do not sort like
+# steps (ckpt-100000000 < ckpt-99999999 as text): order by the parsed step, never by name.
+_ROLLING = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_SIDECAR = re.compile(r"^ckpt-(\d{8,})\.ds$")
+_TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.tmp-\d+$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,9 +68,11 @@ class CheckpointManager:
         self.keep = keep
 
     def rolling(self) -> list[Path]:
+        """The rolling checkpoints, oldest step first."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if _ROLLING.match(p.name))
+        found = ((m, p) for p in self.dir.iterdir() if (m := _ROLLING.match(p.name)))
+        return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; falls back to the newest rolling file if the pointer is gone."""

@@ -123,6 +123,20 @@ def test_checkpoint_manager_keeps_last_k_and_survives_torn_write(tmp_path):
     assert load_checkpoint(m.latest())["step"] == 3
 
 
+def test_checkpoint_manager_prunes_by_step_not_by_name(tmp_path):
+    """Past step 99,999,999 the name grows a digit and sorts before older steps as text: keep-K, the
+    DeepSpeed sidecars and the `latest` fallback must all go by the step number."""
+    m = CheckpointManager(tmp_path, keep=2)
+    steps = (99_999_998, 99_999_999, 100_000_000, 100_000_001)
+    for step in steps:
+        m.sidecar(step).mkdir()  # as a DeepSpeed run writes it before the .pt
+        m.save(step, {"step": step})
+    assert [p.name for p in m.rolling()] == ["ckpt-100000000.pt", "ckpt-100000001.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.ds")) == ["ckpt-100000000.ds", "ckpt-100000001.ds"]
+    (tmp_path / "latest").unlink()  # a pointer lost: the fallback is the highest step, not the last name
+    assert load_checkpoint(m.latest())["step"] == 100_000_001
+
+
 def test_bad_resume_path_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", "train", "--config", str(DEMO), "--resume", str(tmp_path / "nope.pt"),
