@@ -61,6 +61,43 @@ def test_d_is_frozen_during_g_step(tmp_path):
     t.s.close()
 
 
+@pytest.mark.parametrize("loss,draws", [("sgan", 2), ("rasgan", 3)])
+def test_g_step_draws_a_fresh_real_batch_only_for_losses_that_use_it(tmp_path, monkeypatch, loss, draws):
+    """n_dis=2 and train.fresh_real_for_g: a relativistic G loss takes a third batch, a non-relativistic one
+    never decodes it; img/s counts the images a step consumed (a fake clock: one second per step)."""
+    from rgan_dist.engine import loop
+
+    t = Trainer(tiny_cfg(tmp_path, "train.steps=2", "train.n_dis=2", "train.fresh_real_for_g=true",
+                         f"loss.name={loss}", "train.sample_every=0"))
+    taken = {"n": 0}
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            taken["n"] += 1
+            return next(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    t.data = Counting(t.data)
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    step = t.train_step
+
+    def one_second_step():
+        clock[0] += 1.0
+        return step()
+
+    monkeypatch.setattr(t, "train_step", one_second_step)
+    result = t.fit()
+    t.s.close()
+    assert taken["n"] == 2 * draws  # two steps
+    assert result.last_metrics["img_per_s"] == pytest.approx(8 * draws)  # train.batch_size=8 per step-second
+
+
 def test_exact_resume_single(tmp_path):
     straight = train(tiny_cfg(tmp_path / "a", "train.steps=6", "checkpoint.every=3"))
     first = train(tiny_cfg(tmp_path / "b", "train.steps=3"))

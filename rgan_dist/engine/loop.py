@@ -93,6 +93,7 @@ class Trainer:
                 opt.register_step_pre_hook(functools.partial(self._record_grad_norm, phase))
         self.step = 0
         self.bad_steps_total = 0
+        self.reals_drawn = 0  # real images this rank took from the data stream in this process
         self.bad_in_a_row = {"d": 0, "g": 0}
         self.best_fid = math.inf
         self.samples: list[Path] = []
@@ -112,8 +113,10 @@ class Trainer:
 
     def _reals(self) -> torch.Tensor:
         t = self.cfg.train
-        return to_model_input(next(self.data), self.s.device, channels_last=t.channels_last,
+        real = to_model_input(next(self.data), self.s.device, channels_last=t.channels_last,
                               flip=t.flip, generator=self.gen)
+        self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
+        return real
 
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, device=self.s.device, generator=self.gen)
@@ -177,7 +180,8 @@ class Trainer:
             if i:
                 real = self._reals()
             out = self.d_step(real)
-        if self.cfg.train.fresh_real_for_g:
+        # Only relativistic G losses look at reals; for the others a fresh batch would be decoded for nothing.
+        if self.cfg.train.fresh_real_for_g and losses.needs_real_in_g_step(self.cfg.loss.name):
             real = self._reals()
         out.update(self.g_step(real))
         if self.ema is not None:
@@ -197,8 +201,7 @@ class Trainer:
         progress = _progress(t.steps, self.step, enabled=s.is_main and t.progress)
         interrupted = False
         stop = _StopRequest(distributed=s.world_size > 1)
-        images_per_step = t.batch_size * (t.n_dis + int(t.fresh_real_for_g)) * s.world_size
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_reals = time.perf_counter(), self.reals_drawn
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         try:
@@ -206,19 +209,20 @@ class Trainer:
                 self._want_grad_norms = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 out = self.train_step()
                 s.fault_point("step", self.step)
-                window_steps += 1
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     elapsed = time.perf_counter() - window_start
                     out.update(self._grad_norms)  # the same keys on every rank: gradients are synchronised
                     self._grad_norms = {}
                     metrics = s.reduce_mean(out)
-                    metrics.update(img_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
+                    # every rank draws the same number of images per step
+                    images = (self.reals_drawn - window_reals) * s.world_size
+                    metrics.update(img_per_s=images / max(elapsed, 1e-9),
                                    skipped_samples=float(self.data.skipped),
                                    bad_steps=float(self.bad_steps_total))
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_reals = time.perf_counter(), self.reals_drawn
                 progress.update(1)
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.save_samples()
