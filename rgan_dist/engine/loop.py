@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rgan_dist import losses
-from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
+from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, CheckpointManager, load_checkpoint, previous_run, set_aside
 from rgan_dist.config import Config, dump_config
 from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
@@ -97,6 +97,7 @@ class Trainer:
         self.bad_in_a_row = {"d": 0, "g": 0}
         self.best_fid = math.inf
         self.samples: list[Path] = []
+        self._claim_run_folder(tracker_given=tracker is not None)
         data_state = self._maybe_resume()
         self.data: BatchIterator = make_batches(cfg, rank=self.s.rank, world_size=self.s.world_size,
                                                 device=self.s.device, state=data_state)
@@ -362,6 +363,33 @@ class Trainer:
             path = self.ckpt.save(self.step, state, before_commit=lambda: s.fault_point("save", self.step))
         s.barrier()
         return path
+
+    def _claim_run_folder(self, tracker_given: bool) -> None:
+        """A run folder belongs to one run: a fresh run (checkpoint.resume '') never writes beside another
+        run's checkpoints or into its metrics.jsonl. It refuses, or with checkpoint.overwrite moves the old
+        files aside (`set_aside`; never deleted). Collective, like `_resolve_resume`: what any rank sees
+        decides for all, so every rank raises or none does; rank 0 alone moves, then a barrier. A tracker
+        the caller made (the sweep's) has already written this run's config.yaml/mlflow_run.json: kept."""
+        cfg = self.cfg
+        if cfg.checkpoint.resume:
+            return
+        mine = [str(p) for p in previous_run(cfg.out_dir, cfg.checkpoint_dir)]
+        old = sorted({p for seen in self.s.all_gather_object(mine) for p in seen})
+        if not old:
+            return
+        if not cfg.checkpoint.overwrite:
+            latest = self.ckpt.latest()
+            what = f"checkpoints up to {latest.name}" if latest is not None else ", ".join(Path(p).name for p in old)
+            raise UsageError(f"{cfg.checkpoint_dir if latest is not None else cfg.out_dir} already holds another run "
+                             f"({what}): continue it with --resume auto, move it aside with --overwrite "
+                             f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or set another "
+                             f"run.out_dir")
+        if self.s.is_main:
+            moved = set_aside([Path(p) for p in old if Path(p).exists()], cfg.out_dir, cfg.checkpoint_dir,
+                              keep=TRACKER_FILES if tracker_given else ())
+            print(f"rgan: moved the previous run's files in this folder to {' and '.join(map(str, moved))}",
+                  flush=True)
+        self.s.barrier()
 
     def _resolve_resume(self) -> Path | None:
         """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
