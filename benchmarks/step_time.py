@@ -95,7 +95,7 @@ def main() -> None:
         "model.arch=dcgan", "model.resolution=64", "model.width=64", "model.z_dim=128", "loss.name=rasgan",
         "train.batch_size=32", "train.n_dis=1", "train.ema=0.999", "train.progress=false", "train.log_every=50",
         "train.sample_every=0", "checkpoint.every=0", "tracking.enabled=false", f"run.out_dir={out}",
-        f"run.device={args.device}",
+        f"run.device={args.device}", "checkpoint.overwrite=true",  # each repeat trains into `out` afresh
     ])
     images = load_digits_uint8(64, 3)
     o, p = [], []

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (see configs/; base.yaml documents every key)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key")
     p.add_argument("--resume", help="'auto' (latest in checkpoint.dir) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder that holds another run: its checkpoints, metrics and samples "
+                        "are moved to <run.out_dir>/previous/<time>/ (checkpoint.overwrite=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -41,8 +44,13 @@ def _run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("--config FILE is required (e.g. configs/demo.yaml or configs/paper/cifar10.yaml)")
     overrides = list(args.overrides)
+    if args.resume and args.overwrite:
+        raise UsageError(f"--resume {args.resume} continues the run in the folder, --overwrite sets it aside: "
+                         "pass one of them")
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     cfg = load_config(args.config, overrides)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
@@ -78,4 +86,6 @@ def run_demo(args: argparse.Namespace) -> int:
     demo = CONFIGS / "demo.yaml"
     if not demo.is_file():
         raise UsageError(f"{demo} is missing: run rgan demo from a source checkout (pip install -e .)")
-    return _train(load_config(demo, args.overrides))
+    # The demo is re-run as is: each run starts afresh and the last one's files move to
+    # runs/demo/previous/<time>/ (the run says where); `checkpoint.resume=auto` continues it instead.
+    return _train(load_config(demo, ["checkpoint.overwrite=true", *args.overrides]))

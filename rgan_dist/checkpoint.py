@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ import torch
 
 from rgan_dist.errors import UsageError
 
-_ROLLING = re.compile(r"^ckpt-(\d{8})\.pt$")
-_SIDECAR = re.compile(r"^ckpt-(\d{8})\.ds$")
-_TEMP = re.compile(r"^\.ckpt-\d{8}\.pt\.tmp-\d+$")
+# `ckpt-{step:08d}`: eight digits at least, more past step 99,999,999. Names therefore do not sort like
+# steps (ckpt-100000000 < ckpt-99999999 as text): order by the parsed step, never by name.
+_ROLLING = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_SIDECAR = re.compile(r"^ckpt-(\d{8,})\.ds$")
+_TEMP = re.compile(r"^\.ckpt-\d{8,}\.pt\.tmp-\d+$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,9 +69,11 @@ class CheckpointManager:
         self.keep = keep
 
     def rolling(self) -> list[Path]:
+        """The rolling checkpoints, oldest step first."""
         if not self.dir.is_dir():
             return []
-        return sorted(p for p in self.dir.iterdir() if _ROLLING.match(p.name))
+        found = ((m, p) for p in self.dir.iterdir() if (m := _ROLLING.match(p.name)))
+        return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names; falls back to the newest rolling file if the pointer is gone."""
@@ -127,6 +132,54 @@ class CheckpointManager:
         if resume == "auto":
             return self.latest()
         return checkpoint_path(resume, what="checkpoint.resume", allowed="a path, a folder, or 'auto'")
+
+
+# What a run writes into run.out_dir besides its checkpoints: the metrics record (tracking.py), sample grids
+# (samples), per-evaluation FID records (metrics/evaluator.py), and the files its MLflow tracker writes.
+RUN_FILES = ("metrics.jsonl", "samples", "fid")
+TRACKER_FILES = ("config.yaml", "mlflow_run.json")
+PREVIOUS = "previous"
+
+
+def previous_run(out_dir: Path, checkpoint_dir: Path) -> list[Path]:
+    """The files an earlier run left where a fresh run would write (its checkpoints, `latest`, `best.pt`,
+    metrics, samples, FID records): empty when there was none. A folder holding only tracker files is not
+    a run (nothing would mix); they are listed (and moved) only beside a run's checkpoints or metrics."""
+    ckpt = sorted(p for p in checkpoint_dir.iterdir() if _is_checkpoint_file(p.name)) if checkpoint_dir.is_dir() else []
+    run = [out_dir / n for n in RUN_FILES if (out_dir / n).exists()] if out_dir.is_dir() else []
+    if not ckpt and not run:
+        return []
+    return ckpt + run + [out_dir / n for n in TRACKER_FILES if (out_dir / n).exists()]
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in ("latest", "best.pt") or bool(_ROLLING.match(name) or _SIDECAR.match(name))
+
+
+def set_aside(files: list[Path], out_dir: Path, checkpoint_dir: Path, *, keep: tuple[str, ...] = ()) -> list[Path]:
+    """Move an earlier run's `files` (from `previous_run`) into `<out_dir>/previous/<time>/`, checkpoints into
+    its `checkpoints/` (or, when checkpoint.dir lies outside the run folder, into
+    `<checkpoint.dir>/previous/<time>/`, so large files never cross file systems). Nothing is deleted.
+    Names in `keep` stay in place: files the new run's own tracker has already written. Returns the (one
+    or two) folders that received files."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out_dir / PREVIOUS / stamp
+    n = 1
+    while dest.exists() or (checkpoint_dir / PREVIOUS / dest.name).exists():  # two runs in one second
+        dest, n = out_dir / PREVIOUS / f"{stamp}-{n}", n + 1
+    inside = checkpoint_dir.resolve().is_relative_to(out_dir.resolve())
+    ckpt_dest = dest / "checkpoints" if inside else checkpoint_dir / PREVIOUS / dest.name
+    used: list[Path] = []
+    for f in files:
+        if f.name in keep and f.parent == out_dir:
+            continue
+        folder = ckpt_dest if f.parent == checkpoint_dir and _is_checkpoint_file(f.name) else dest
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.move(f, folder / f.name)
+        top = dest if folder.is_relative_to(dest) else folder
+        if top not in used:
+            used.append(top)
+    return sorted(used, key=lambda f: f != dest)  # the run folder's first
 
 
 def checkpoint_path(given: str, *, what: str, allowed: str = "a file such as best.pt, or a folder") -> Path:

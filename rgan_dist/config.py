@@ -126,6 +126,8 @@ class CheckpointConfig:
     every: int = _f(5000, "Steps between checkpoints (0: only the final one).", min=0)
     keep: int = _f(3, "Rolling checkpoints kept besides `latest` and `best`.", min=1)
     resume: str = _f("", "'' (fresh), 'auto' (latest in dir if any) or a checkpoint path.")
+    overwrite: bool = _f(False, "A fresh run (resume '') into a folder holding another run's checkpoints or "
+                                "metrics: false refuses; true moves them to <run.out_dir>/previous/<time>/.")
 
 
 @dataclass

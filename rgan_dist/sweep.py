@@ -561,6 +561,7 @@ class TrialSetup:
             "checkpoint.dir": "",
             "checkpoint.every": 0,        # a trial checkpoints at every FID report instead
             "checkpoint.resume": resume or "",
+            "checkpoint.overwrite": True,  # a retry Tune restarts from scratch sets the failed attempt aside
             "train.progress": False,      # Ray's logs are no terminal
             "tracking.enabled": bool(self.mlflow_uri) and self.base["tracking"]["enabled"],
             "tracking.mlflow_uri": self.mlflow_uri,

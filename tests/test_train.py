@@ -38,6 +38,19 @@ def test_demo_cli_runs_a_few_steps(tmp_path):
     assert [r["step"] for r in lines] == [2, 4]
     assert {"d_loss", "g_loss", "d_real", "d_fake", "img_per_s"} <= set(lines[0])
     assert "ckpt-00000004.pt" in proc.stdout and "samples" in proc.stdout
+    # Run again as users do: a fresh run; the first one's files are moved aside, not mixed in, not deleted.
+    again = subprocess.run(
+        [sys.executable, "-m", "launcher", "demo", "train.steps=2", "train.sample_every=2", "train.log_every=2",
+         "tracking.enabled=false", f"run.out_dir={out}"], capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    [old] = (out / "previous").iterdir()
+    assert f"moved the previous run's files in this folder to {old}" in again.stdout
+    assert [p.name for p in CheckpointManager(out / "checkpoints").rolling()] == ["ckpt-00000002.pt"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert (old / "checkpoints" / "latest").read_text() == "ckpt-00000004.pt"
+    assert [json.loads(x)["step"] for x in (old / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert sorted(p.name for p in (old / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
 
 
 @pytest.mark.parametrize("loss,penalty", [("rasgan", "none"), ("rsgan", "wgan-gp"), ("ralsgan", "r1+r2"),
@@ -59,6 +72,43 @@ def test_d_is_frozen_during_g_step(tmp_path):
     assert all(p.grad is None for p in t.s.d_module.parameters())
     assert all(p.requires_grad for p in t.s.d_module.parameters())  # unfrozen afterwards
     t.s.close()
+
+
+@pytest.mark.parametrize("loss,draws", [("sgan", 2), ("rasgan", 3)])
+def test_g_step_draws_a_fresh_real_batch_only_for_losses_that_use_it(tmp_path, monkeypatch, loss, draws):
+    """n_dis=2 and train.fresh_real_for_g: a relativistic G loss takes a third batch, a non-relativistic one
+    never decodes it; img/s counts the images a step consumed (a fake clock: one second per step)."""
+    from rgan_dist.engine import loop
+
+    t = Trainer(tiny_cfg(tmp_path, "train.steps=2", "train.n_dis=2", "train.fresh_real_for_g=true",
+                         f"loss.name={loss}", "train.sample_every=0"))
+    taken = {"n": 0}
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            taken["n"] += 1
+            return next(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    t.data = Counting(t.data)
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    step = t.train_step
+
+    def one_second_step():
+        clock[0] += 1.0
+        return step()
+
+    monkeypatch.setattr(t, "train_step", one_second_step)
+    result = t.fit()
+    t.s.close()
+    assert taken["n"] == 2 * draws  # two steps
+    assert result.last_metrics["img_per_s"] == pytest.approx(8 * draws)  # train.batch_size=8 per step-second
 
 
 def test_exact_resume_single(tmp_path):
@@ -121,6 +171,77 @@ def test_checkpoint_manager_keeps_last_k_and_survives_torn_write(tmp_path):
     assert m.latest().name == "ckpt-00000003.pt"
     (tmp_path / ".ckpt-00000004.pt.tmp-1").write_bytes(b"partial")  # a write killed half way
     assert load_checkpoint(m.latest())["step"] == 3
+
+
+def test_checkpoint_manager_prunes_by_step_not_by_name(tmp_path):
+    """Past step 99,999,999 the name grows a digit and sorts before older steps as text: keep-K, the
+    DeepSpeed sidecars and the `latest` fallback must all go by the step number."""
+    m = CheckpointManager(tmp_path, keep=2)
+    steps = (99_999_998, 99_999_999, 100_000_000, 100_000_001)
+    for step in steps:
+        m.sidecar(step).mkdir()  # as a DeepSpeed run writes it before the .pt
+        m.save(step, {"step": step})
+    assert [p.name for p in m.rolling()] == ["ckpt-100000000.pt", "ckpt-100000001.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.ds")) == ["ckpt-100000000.ds", "ckpt-100000001.ds"]
+    (tmp_path / "latest").unlink()  # a pointer lost: the fallback is the highest step, not the last name
+    assert load_checkpoint(m.latest())["step"] == 100_000_001
+
+
+def _steps(path: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in path.read_text().splitlines()]
+
+
+def test_a_fresh_run_never_mixes_into_another_runs_folder(tmp_path, capsys):
+    """Before: a 2-step run into a 4-step run's folder left ckpt-2 (new) beside ckpt-4 (old), `latest` on the
+    new one and both runs in metrics.jsonl. Now: exit 2 and one line, untouched; --overwrite moves it aside."""
+    from launcher.cli import main
+
+    first = tiny_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "train.sample_every=2")
+    train(first)
+    out, ckpts = first.out_dir, first.checkpoint_dir
+    before = sorted(p.name for p in ckpts.iterdir())
+    argv = ["train", "--config", str(DEMO), *TINY, f"run.out_dir={out}", "train.steps=2", "train.sample_every=2"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds another run" in err, err
+    assert "--resume auto" in err and "--overwrite" in err and "ckpt-00000004.pt" in err
+    assert sorted(p.name for p in ckpts.iterdir()) == before and _steps(out / "metrics.jsonl") == [1, 2, 3, 4]
+    assert main([*argv, "--overwrite", "--resume", "auto"]) == 2  # contradictory: one line, nothing done
+
+    assert main([*argv, "--overwrite"]) == 0
+    [old] = (out / "previous").iterdir()
+    assert [p.name for p in CheckpointManager(ckpts).rolling()] == ["ckpt-00000002.pt"]
+    assert (ckpts / "latest").read_text() == "ckpt-00000002.pt" and _steps(out / "metrics.jsonl") == [1, 2]
+    assert load_checkpoint(ckpts / "ckpt-00000002.pt")["config"].count("steps: 2") == 1
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == before
+    assert load_checkpoint(old / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    assert _steps(old / "metrics.jsonl") == [1, 2, 3, 4]
+    assert sorted(p.name for p in (old / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert [p.name for p in (out / "samples").iterdir()] == ["step_0000002.png"]
+    # --resume auto is the other way in, and it continues the new run (existing resume tests pin the maths).
+    assert main(["train", "--config", str(DEMO), *TINY, f"run.out_dir={out}", "train.steps=3", "--resume", "auto"]) == 0
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_overwrite_keeps_checkpoints_outside_the_run_folder_on_their_storage(tmp_path):
+    """checkpoint.dir elsewhere (shared storage): its files go to <checkpoint.dir>/previous/<time>/, the run
+    folder's to <run.out_dir>/previous/<time>/; a run folder with only tracker files is no run."""
+    from rgan_dist.checkpoint import previous_run, set_aside
+
+    out, ckpts = tmp_path / "run", tmp_path / "shared" / "ckpt"
+    out.mkdir()
+    (out / "config.yaml").write_text("x")
+    assert previous_run(out, ckpts) == []
+    CheckpointManager(ckpts).save(7, {"step": 7})
+    (out / "metrics.jsonl").write_text("{}\n")
+    found = previous_run(out, ckpts)
+    assert sorted(p.name for p in found) == ["ckpt-00000007.pt", "config.yaml", "latest", "metrics.jsonl"]
+    moved = set_aside(found, out, ckpts, keep=("config.yaml",))
+    assert [m.parent for m in moved] == [out / "previous", ckpts / "previous"] and moved[0].name == moved[1].name
+    assert sorted(p.name for p in moved[1].iterdir()) == ["ckpt-00000007.pt", "latest"]
+    assert [p.name for p in moved[0].iterdir()] == ["metrics.jsonl"] and (out / "config.yaml").is_file()
+    assert previous_run(out, ckpts) == []
 
 
 def test_bad_resume_path_is_one_line(tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rgan_dist import losses
-from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
+from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, CheckpointManager, load_checkpoint, previous_run, set_aside
 from rgan_dist.config import Config, dump_config
 from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
@@ -96,9 +96,11 @@ class Trainer:
                 opt.register_step_pre_hook(functools.partial(self._record_grad_norm, phase))
         self.step = 0
         self.bad_steps_total = 0
+        self.reals_drawn = 0  # real images this rank took from the data stream in this process
         self.bad_in_a_row = {"d": 0, "g": 0}
         self.best_fid = math.inf
         self.samples: list[Path] = []
+        self._claim_run_folder(tracker_given=tracker is not None)
         data_state = self._maybe_resume()
         self.data: BatchIterator = make_batches(cfg, rank=self.s.rank, world_size=self.s.world_size,
                                                 device=self.s.device, state=data_state)
@@ -115,8 +117,10 @@ class Trainer:
 
     def _reals(self) -> torch.Tensor:
         t = self.cfg.train
-        return to_model_input(next(self.data), self.s.device, channels_last=t.channels_last,
+        real = to_model_input(next(self.data), self.s.device, channels_last=t.channels_last,
                               flip=t.flip, generator=self.gen)
+        self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
+        return real
 
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, device=self.s.device, generator=self.gen)
@@ -180,7 +184,8 @@ class Trainer:
             if i:
                 real = self._reals()
             out = self.d_step(real)
-        if self.cfg.train.fresh_real_for_g:
+        # Only relativistic G losses look at reals; for the others a fresh batch would be decoded for nothing.
+        if self.cfg.train.fresh_real_for_g and losses.needs_real_in_g_step(self.cfg.loss.name):
             real = self._reals()
         out.update(self.g_step(real))
         if self.ema is not None:
@@ -200,8 +205,7 @@ class Trainer:
         progress = _progress(t.steps, self.step, enabled=s.is_main and t.progress)
         interrupted = False
         stop = _StopRequest(distributed=s.world_size > 1)
-        images_per_step = t.batch_size * (t.n_dis + int(t.fresh_real_for_g)) * s.world_size
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_reals = time.perf_counter(), self.reals_drawn
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         try:
@@ -209,19 +213,20 @@ class Trainer:
                 self._want_grad_norms = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 out = self.train_step()
                 s.fault_point("step", self.step)
-                window_steps += 1
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     elapsed = time.perf_counter() - window_start
                     out.update(self._grad_norms)  # the same keys on every rank: gradients are synchronised
                     self._grad_norms = {}
                     metrics = s.reduce_mean(out)
-                    metrics.update(img_per_s=images_per_step * window_steps / max(elapsed, 1e-9),
+                    # every rank draws the same number of images per step
+                    images = (self.reals_drawn - window_reals) * s.world_size
+                    metrics.update(img_per_s=images / max(elapsed, 1e-9),
                                    skipped_samples=float(self.data.skipped),
                                    bad_steps=float(self.bad_steps_total))
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_reals = time.perf_counter(), self.reals_drawn
                 progress.update(1)
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.save_samples()
@@ -371,6 +376,33 @@ class Trainer:
             path = self.ckpt.save(self.step, state, before_commit=lambda: s.fault_point("save", self.step))
         s.barrier()
         return path
+
+    def _claim_run_folder(self, tracker_given: bool) -> None:
+        """A run folder belongs to one run: a fresh run (checkpoint.resume '') never writes beside another
+        run's checkpoints or into its metrics.jsonl. It refuses, or with checkpoint.overwrite moves the old
+        files aside (`set_aside`; never deleted). Collective, like `_resolve_resume`: what any rank sees
+        decides for all, so every rank raises or none does; rank 0 alone moves, then a barrier. A tracker
+        the caller made (the sweep's) has already written this run's config.yaml/mlflow_run.json: kept."""
+        cfg = self.cfg
+        if cfg.checkpoint.resume:
+            return
+        mine = [str(p) for p in previous_run(cfg.out_dir, cfg.checkpoint_dir)]
+        old = sorted({p for seen in self.s.all_gather_object(mine) for p in seen})
+        if not old:
+            return
+        if not cfg.checkpoint.overwrite:
+            latest = self.ckpt.latest()
+            what = f"checkpoints up to {latest.name}" if latest is not None else ", ".join(Path(p).name for p in old)
+            raise UsageError(f"{cfg.checkpoint_dir if latest is not None else cfg.out_dir} already holds another run "
+                             f"({what}): continue it with --resume auto, move it aside with --overwrite "
+                             f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or set another "
+                             f"run.out_dir")
+        if self.s.is_main:
+            moved = set_aside([Path(p) for p in old if Path(p).exists()], cfg.out_dir, cfg.checkpoint_dir,
+                              keep=TRACKER_FILES if tracker_given else ())
+            print(f"rgan: moved the previous run's files in this folder to {' and '.join(map(str, moved))}",
+                  flush=True)
+        self.s.barrier()
 
     def _resolve_resume(self) -> Path | None:
         """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
