@@ -464,3 +464,20 @@ def test_an_init_that_outlives_its_timeout_is_ended_by_the_watchdog(tmp_path):
         "rgan: error: rank 1 of 2 could not join the process group at h:1 within dist.timeout_s=1 s (still "
         "waiting after 2 s): start every rank with the same MASTER_ADDR/MASTER_PORT, reachable from each node, "
         "or raise dist.timeout_s"]
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_to_refuse_or_set_aside_another_runs_folder(tmp_path):
+    """The run-folder check is collective: both ranks refuse (and exit, no rank left waiting in a collective),
+    or with --overwrite rank 0 moves the old run aside and both train into the cleared folder."""
+    train(load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}", "train.steps=2"]))
+    refused = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=3", "dist.timeout_s=60", timeout=120)
+    assert refused.returncode != 0
+    lines = [x for x in refused.stdout.splitlines() if x.startswith("rgan train: error:")]
+    assert len(lines) == 2 and all("already holds another run" in x for x in lines), refused.stdout[-3000:]
+    assert [p.name for p in CheckpointManager(tmp_path / "checkpoints").rolling()] == ["ckpt-00000002.pt"]
+    out = ok(torchrun(tmp_path, "dist.strategy=ddp", "train.steps=3", "--overwrite"))
+    [old] = (tmp_path / "previous").iterdir()
+    assert f"moved the previous run's files in this folder to {old}" in out
+    assert load_checkpoint(old / "checkpoints" / "ckpt-00000002.pt")["world_size"] == 1
+    assert_ranks_identical(ckpt(tmp_path, 3), world=2)
