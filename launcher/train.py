@@ -30,10 +30,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`rgan train`, run inside torchelastic's `record` (imported here: it pulls in torch, and `rgan train
-    --help` should stay instant)."""
+    --help` should stay instant). Bad input passes `record` as a value and is raised outside it, so torchrun's
+    failure summary shows the exit code and the rank's one line, not a traceback of a usage error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_run)(args)
+    outcome = record(_usage_errors_as_values)(args)
+    if isinstance(outcome, UsageError):
+        raise outcome
+    return outcome
+
+
+def _usage_errors_as_values(args: argparse.Namespace) -> int | UsageError:
+    try:
+        return _run(args)
+    except UsageError as e:
+        return e
 
 
 def _run(args: argparse.Namespace) -> int:

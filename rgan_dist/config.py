@@ -87,7 +87,8 @@ class TrainConfig:
     seed: int = _f(1, "Global seed; rank r seeds its noise with seed + r.", min=0)
     precision: str = _f("fp32", "Autocast precision; fp16 uses a GradScaler (CUDA only).", choices=PRECISIONS)
     ema: float = _f(0.999, "EMA decay of the generator copy used for samples/eval; 0 disables it.", min=0.0, max=1.0)
-    fresh_real_for_g: bool = _f(True, "Draw a new real batch for the G step (as the official code).")
+    fresh_real_for_g: bool = _f(True, "Draw a new real batch for the G step (as the official code); only losses "
+                                      "whose G step reads reals (the relativistic ones) draw it.")
     flip: bool = _f(False, "Random horizontal flip of real images, done on the device.")
     max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps.", min=1)
     log_every: int = _f(50, "Steps between logged metrics.", min=1)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,17 @@ def test_restart_pitfalls_are_warned_about():
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in warnings[0] and "--resume auto" in warnings[1]
     resumed = load_config(None, ["dist.strategy=ddp", "checkpoint.resume=auto"])
     assert restart_warnings(resumed, {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) == []
+    # Static rendezvous (--master-port): the variable is set and torchrun still shares its store (measured,
+    # see test_launch_shapes_are_told_apart_from_what_torchrun_gives_workers). It cannot restart: say what can,
+    # and make a restarted attempt refuse at once instead of joining a dead attempt's store.
+    from rgan_dist.engine.distributed import init_process_group
+
+    static = {**shared, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    [warning] = restart_warnings(resumed, static)
+    assert "static rendezvous" in warning and "torchrun --standalone` (one node)" in warning
+    assert "--rdzv-backend c10d --rdzv-endpoint HOST:PORT" in warning
+    with pytest.raises(UsageError, match="restart 1 under static rendezvous .* cannot rejoin"):
+        init_process_group("gloo", 600, {**static, "TORCHELASTIC_RESTART_COUNT": "1"})
 
 
 @pytest.mark.slow
@@ -450,3 +462,95 @@ def test_compiled_models_with_a_gradient_penalty(tmp_path):
                  "train.compile=true", "train.steps=2", f"run.out_dir={tmp_path}"], timeout=300)
     ok(proc)
     assert ckpt(tmp_path, 2)["step"] == 2
+
+
+# ---- launch shapes and a bounded process-group init -------------------------------------------------
+
+@pytest.mark.slow
+def test_launch_shapes_are_told_apart_from_what_torchrun_gives_workers(tmp_path):
+    """With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --max-restarts, only static rendezvous (`--master-port`)
+    is flagged; --standalone and c10d (the shapes that restart) are not. Real torchrun, a tiny worker."""
+    worker = tmp_path / "shape.py"
+    worker.write_text("import os\nfrom rgan_dist.engine.distributed import static_rendezvous_with_restarts as f\n"
+                      "if os.environ['RANK'] == '0':\n    print('STATIC', f(os.environ))\n")
+    shapes = {"standalone": ["--standalone"], "static": ["--nnodes=1", f"--master_port={_free_port()}"],
+              "c10d": ["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}"]}
+    env = _env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=str(ROOT))  # the worker imports this checkout
+    seen = {}
+    for name, args in shapes.items():
+        out = ok(_run([sys.executable, "-m", "torch.distributed.run", *args, "--nproc_per_node=2", "--max-restarts=1",
+                       str(worker)], timeout=120, env=env))
+        seen[name] = [line for line in out.splitlines() if line.startswith("STATIC")]
+    assert seen == {"standalone": ["STATIC False"], "static": ["STATIC True"], "c10d": ["STATIC False"]}
+
+
+@pytest.mark.slow
+def test_a_restart_under_static_rendezvous_fails_at_once_with_what_works(tmp_path):
+    """Before: the restarted workers joined the dead attempt's store (here: a Gloo traceback; reported
+    elsewhere: a silent hang for over 7 minutes). Now: a warning at start, and the restart refuses in seconds."""
+    env = _env(**{FAULT_ENV: "kill@3:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master_port={_free_port()}",
+           "--nproc_per_node=2", "--max-restarts=1", "-m", "launcher", "train", "--config", str(DEMO), *TINY,
+           f"run.out_dir={tmp_path}", "dist.strategy=ddp", "train.steps=6", "checkpoint.every=2", "--resume", "auto"]
+    proc = _run(cmd, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "rgan: warning: torchrun --max-restarts with static rendezvous" in proc.stdout
+    assert "kill at step 3 on rank 1" in proc.stdout
+    refused = [line for line in proc.stdout.splitlines() if "restart 1 under static rendezvous" in line]
+    assert refused and all(line.startswith("rgan train: error: ") for line in refused), proc.stdout[-3000:]
+    assert "--standalone" in refused[0]
+    assert "UsageError" not in proc.stdout  # torchrun's summary: the exit code, not a traceback of bad input
+    assert CheckpointManager(tmp_path / "checkpoints").latest().name == "ckpt-00000002.pt"  # kept for --resume
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peer_never_comes_fails_within_the_init_timeout(tmp_path, rank):
+    """Rank 0 waits for a peer that was never started; rank 1 dials a rendezvous nobody hosts. Both stop
+    after dist.timeout_s with one line naming the address and the timeout (before: a store traceback)."""
+    env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY,
+                           "dist.strategy=ddp", "dist.timeout_s=2", f"run.out_dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("rgan train: error:")]
+    assert f"rank {rank} of 2 could not join the process group at 127.0.0.1:{env['MASTER_PORT']}" in line
+    assert "within dist.timeout_s=2 s" in line and elapsed < 60, (line, elapsed)
+
+
+def test_an_init_that_outlives_its_timeout_is_ended_by_the_watchdog(tmp_path):
+    """Gloo's pair connect to a dead attempt's address was seen waiting 35 minutes past dist.timeout_s=600,
+    in C++ where no exception reaches (the GIL is released there, so a thread can act). Stand-in for that
+    wait: an init that sleeps; the watchdog ends the process with the one line, exit 2."""
+    script = ("import time, torch.distributed as dist\n"
+              "from rgan_dist.engine import distributed as d\n"
+              "d.INIT_GRACE_S = 1\n"
+              "dist.init_process_group = lambda *a, **k: time.sleep(60)\n"
+              "env = {'RANK': '1', 'WORLD_SIZE': '2', 'MASTER_ADDR': 'h', 'MASTER_PORT': '1'}\n"
+              "d.init_process_group('gloo', 1, env)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines() == [
+        "rgan: error: rank 1 of 2 could not join the process group at h:1 within dist.timeout_s=1 s (still "
+        "waiting after 2 s): start every rank with the same MASTER_ADDR/MASTER_PORT, reachable from each node, "
+        "or raise dist.timeout_s"]
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_to_refuse_or_set_aside_another_runs_folder(tmp_path):
+    """The run-folder check is collective: both ranks refuse (and exit, no rank left waiting in a collective),
+    or with --overwrite rank 0 moves the old run aside and both train into the cleared folder."""
+    train(load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}", "train.steps=2"]))
+    refused = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=3", "dist.timeout_s=60", timeout=120)
+    assert refused.returncode != 0
+    lines = [x for x in refused.stdout.splitlines() if x.startswith("rgan train: error:")]
+    assert len(lines) == 2 and all("already holds another run" in x for x in lines), refused.stdout[-3000:]
+    assert [p.name for p in CheckpointManager(tmp_path / "checkpoints").rolling()] == ["ckpt-00000002.pt"]
+    out = ok(torchrun(tmp_path, "dist.strategy=ddp", "train.steps=3", "--overwrite"))
+    [old] = (tmp_path / "previous").iterdir()
+    assert f"moved the previous run's files in this folder to {old}" in out
+    assert load_checkpoint(old / "checkpoints" / "ckpt-00000002.pt")["world_size"] == 1
+    assert_ranks_identical(ckpt(tmp_path, 3), world=2)

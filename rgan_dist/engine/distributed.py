@@ -53,6 +53,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -92,9 +93,33 @@ def ensure_launcher_env() -> bool:
     return True
 
 
+# torchrun picks static rendezvous when --master-port is given, or --nnodes > 1 without --rdzv-backend;
+# otherwise (--standalone, or one node and no port) c10d. What works with --max-restarts, measured here.
+STATIC_LAUNCH = "static rendezvous (--master-port, or --nnodes > 1 without --rdzv-backend c10d)"
+RESTARTABLE_LAUNCH = ("launch with `torchrun --standalone` (one node) or `--rdzv-backend c10d --rdzv-endpoint "
+                      "HOST:PORT --rdzv-id ID` (several nodes)")
+
+
+def static_rendezvous_with_restarts(env: Mapping[str, str]) -> bool:
+    """`torchrun --max-restarts K` with static rendezvous (STATIC_LAUNCH), read off the variables torchrun gives
+    its workers.
+
+    The tell: with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, c10d rendezvous (`--standalone` included) gives
+    workers TORCHELASTIC_USE_AGENT_STORE=False, the static one still True: its workers always share the
+    agent's store, so restarted workers read the dead attempt's addresses: here (gloo, CPU) they failed at
+    once with "Connection refused", elsewhere they were seen to hang for over 7 minutes. Without that
+    variable every shape says True and they cannot be told apart; then `restart_warnings` asks for it first."""
+    return (int(env.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0) > 0
+            and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1")
+
+
 def restart_warnings(cfg: Config, env: Mapping[str, str]) -> list[str]:
     """What makes `torchrun --max-restarts K` lose work or fail after a restart, read off the environment.
 
+    - Static rendezvous cannot restart at all (`static_rendezvous_with_restarts`); a warning, not an error,
+      on the first attempt: refusing would itself trigger the restart that cannot work. A restarted attempt
+      refuses before it joins (`DistributedStrategy`), instead of hanging.
     - torchrun >= 2.5 shares its rendezvous TCP store with the workers; after a restart they can read the
       dead attempt's addresses and fail to connect (pytorch/pytorch#135712, #167288; seen here with gloo,
       about one restart in two). `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` on every torchrun avoids it.
@@ -102,9 +127,14 @@ def restart_warnings(cfg: Config, env: Mapping[str, str]) -> list[str]:
     if int(env.get("TORCHELASTIC_MAX_RESTARTS", 0) or 0) <= 0:
         return []
     out = []
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if static_rendezvous_with_restarts(env):
+        out.append(f"torchrun --max-restarts with {STATIC_LAUNCH} cannot restart: the restarted workers reuse the "
+                   f"failed attempt's store and fail or hang; {RESTARTABLE_LAUNCH}, keeping "
+                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    elif env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         out.append("torchrun shares its rendezvous store with the workers, so a restart can read the failed "
-                   "attempt's addresses (pytorch#135712): export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+                   "attempt's addresses (pytorch#135712): export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, "
+                   f"and {RESTARTABLE_LAUNCH}")
     if not cfg.checkpoint.resume:
         out.append("torchrun --max-restarts is set but checkpoint.resume is empty: a restart would start from "
                    "step 0; pass --resume auto")
@@ -132,6 +162,48 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+INIT_GRACE_S = 30  # beyond dist.timeout_s, before a process-group init that torch did not time out is ended
+
+
+def init_process_group(backend: str, timeout_s: int, env: Mapping[str, str], **kwargs: Any) -> None:
+    """`dist.init_process_group` bounded by `dist.timeout_s`, failing with one line that says what to check.
+
+    A rank whose peers never arrive (not started, another MASTER_ADDR/PORT, a firewall, or a restart under
+    static rendezvous) otherwise ends in a store/Gloo traceback after the timeout, or waits far longer (a
+    restarted worker under static rendezvous: over 35 minutes here, in Gloo's pair connect, which the timeout
+    does not bound): a watchdog ends the process INIT_GRACE_S after the timeout. A restart under static
+    rendezvous cannot succeed, so it fails at once."""
+    restart = int(env.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+    if restart > 0 and static_rendezvous_with_restarts(env):
+        raise UsageError(f"torchrun restart {restart} under {STATIC_LAUNCH} cannot rejoin: the workers would reuse "
+                         f"the failed attempt's store and fail or hang; {RESTARTABLE_LAUNCH}, with "
+                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --resume auto (the last checkpoint is kept)")
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    hint = f"; after a torchrun restart, {RESTARTABLE_LAUNCH}" if restart else ""
+
+    def failed(cause: str) -> str:
+        return (f"rank {env.get('RANK', '?')} of {env.get('WORLD_SIZE', '?')} could not join the process group at "
+                f"{where} within dist.timeout_s={timeout_s} s ({cause}): start every rank with the same "
+                f"MASTER_ADDR/MASTER_PORT, reachable from each node, or raise dist.timeout_s{hint}")
+
+    def give_up() -> None:
+        # Gloo's pair connect to a stale peer address was seen to wait past the timeout (35 minutes here, in
+        # C++, where no exception can reach): end the process with the same line instead.
+        print(f"rgan: error: {failed(f'still waiting after {timeout_s + INIT_GRACE_S} s')}", file=sys.stderr,
+              flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout_s + INIT_GRACE_S, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError/DistNetworkError, Gloo's connect errors
+        raise UsageError(failed(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")) from None
+    finally:
+        watchdog.cancel()
+
+
 class DistributedStrategy(Strategy):
     """The process group and the collectives both distributed strategies share."""
 
@@ -151,7 +223,7 @@ class DistributedStrategy(Strategy):
             kwargs: dict[str, Any] = {}
             if self.device.type == "cuda":
                 kwargs["device_id"] = self.device  # binds NCCL to this rank's GPU (barrier() needs it)
-            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.dist.timeout_s), **kwargs)
+            init_process_group(backend, cfg.dist.timeout_s, os.environ, **kwargs)
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
             raise RuntimeError(f"process group says rank {dist.get_rank()}/{dist.get_world_size()}, the "
                                f"environment rank {self.rank}/{self.world_size}")
