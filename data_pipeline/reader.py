@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.errors import DataError
 from data_pipeline.images import SAMPLE_IMAGE_EXTS, BadImage, decode_square
 from data_pipeline.shardset import ShardSet, open_url, resolve
 from data_pipeline.tarstream import tar_members
-from rgan_dist.errors import UsageError
 
 log = logging.getLogger("data_pipeline")
 _MAX_WARNINGS = 5  # per worker; the count keeps going, the log does not flood
@@ -436,7 +436,7 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
-        raise UsageError(f"rank {rank} is not valid for world size {world_size}")
+        raise DataError(f"rank {rank} is not valid for world size {world_size}")
     return rank, world_size
 
 
@@ -473,25 +473,25 @@ def make_batch_iterator(
         ("prefetch", prefetch, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"data reader: {name} must be an integer >= {low}, got {value!r}")
+            raise DataError(f"data reader: {name} must be an integer >= {low}, got {value!r}")
     if resolution is not None and (not isinstance(resolution, int) or resolution < 2):
-        raise UsageError(f"data reader: resolution must be an integer >= 2, got {resolution!r}")
+        raise DataError(f"data reader: resolution must be an integer >= 2, got {resolution!r}")
     rank, world_size = rank_and_world(rank, world_size)
     shards = resolve(spec, resolution=resolution)
     counts = shards.counts
     if samples_per_epoch is None:
         if counts is None:
-            raise UsageError(
+            raise DataError(
                 f"cannot size an epoch of {spec!r}: no manifest.json beside the shards; pass samples_per_epoch"
             )
         samples_per_epoch = sum(counts)
     if samples_per_epoch < 1:
-        raise UsageError(f"data set {spec!r} holds no samples")
+        raise DataError(f"data set {spec!r} holds no samples")
     if counts is None:
         n = len(shards.urls)
         counts = tuple([-(-samples_per_epoch // n)] * n)
     if sum(counts) == 0:
-        raise UsageError(f"data set {spec!r} holds no samples")
+        raise DataError(f"data set {spec!r} holds no samples")
     res = resolution or shards.resolution or _probe_resolution(shards)
     bpe = max(1, samples_per_epoch // (batch_size * world_size))
     if start_batch >= bpe:
@@ -534,7 +534,7 @@ def _probe_resolution(shards: ShardSet) -> int:
             except BadImage:
                 continue
             return min(h, w)
-    raise UsageError(f"cannot tell the image size of {shards.urls[0]} ...: pass a resolution")
+    raise DataError(f"cannot tell the image size of {shards.urls[0]} ...: pass a resolution")
 
 
 def iter_images(
