@@ -537,6 +537,52 @@ def _probe_resolution(shards: ShardSet) -> int:
     raise DataError(f"cannot tell the image size of {shards.urls[0]} ...: pass a resolution")
 
 
+def shard_pieces(shards: ShardSet, lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """(url, first, end) of every shard holding part of samples [lo, hi) of a set with known counts, in
+    manifest order: the one place a global sample range is mapped onto shards (shards outside it are
+    never opened)."""
+    if shards.counts is None:
+        raise DataError(f"shards {shards.urls[0]} ...: sample counts are unknown, so a sample range cannot be read")
+    pieces, start = [], 0
+    for url, n in zip(shards.urls, shards.counts, strict=True):
+        a, b = max(lo, start), min(hi, start + n)
+        if b > a:
+            pieces.append((url, a - start, b - start))
+        start += n
+    return pieces
+
+
+def _decoded(url: str, samples: Iterator[tuple[str, bytes | None]], resolution: int | None,
+             skip: Callable[[str, str, BadImage], None]) -> Iterator[np.ndarray]:
+    """Decode one shard's samples as training does; a corrupt sample goes to `skip(key, url, exc)`."""
+    for key, data in samples:
+        try:
+            if data is None:
+                raise BadImage("sample has no image member")
+            yield decode_square(data, resolution)
+        except BadImage as exc:
+            skip(key, url, exc)
+
+
+def _log_skip(key: str, url: str, exc: BadImage) -> None:
+    log.warning("skipping sample %s of %s: %s", key, url, exc)
+
+
+def iter_sample_range(
+    shards: ShardSet, lo: int, hi: int, *, resolution: int | None = None,
+    skip: Callable[[str, str, BadImage], None] = _log_skip,
+) -> Iterator[np.ndarray]:
+    """Samples [lo, hi) of a shard set with known counts, in manifest order, as uint8 HxWx3.
+
+    `resolution` R decodes exactly as the training reader does (`decode_square(data, R)`: the stored size
+    kept when already R x R, else the same fit/resize); None keeps the stored size. A corrupt sample is
+    handed to `skip(key, url, exc)` and left out. Unlike training's stream, a shard that cannot be read
+    raises: a statistic over a silently smaller set (FID's reference) would be wrong.
+    """
+    for url, a, b in shard_pieces(shards, lo, hi):
+        yield from _decoded(url, iter_shard_samples(url, a, b), resolution, skip)
+
+
 def iter_images(
     spec: str, *, rank: int | None = None, world_size: int | None = None, resolution: int | None = None
 ) -> Iterator[np.ndarray]:
@@ -550,22 +596,14 @@ def iter_images(
     shards = resolve(spec, resolution=resolution)
     stats = _Stats()
     if shards.counts is None:
-        pieces = [(u, 0, None) for u in shards.urls[rank::world_size]]
+        pieces: list[tuple[str, int, int | None]] = [(u, 0, None) for u in shards.urls[rank::world_size]]
     else:
         total = sum(shards.counts)
-        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-        pieces, start = [], 0
-        for url, n in zip(shards.urls, shards.counts, strict=True):
-            a, b = max(lo, start), min(hi, start + n)
-            if b > a:
-                pieces.append((url, a - start, b - start))
-            start += n
+        pieces = list(shard_pieces(shards, rank * total // world_size, (rank + 1) * total // world_size))
+
+    def skip(key: str, url: str, exc: BadImage) -> None:
+        stats.skipped += 1
+        stats.warn(f"skipping sample {key} of {url}: {exc}")
+
     for url, a, b in pieces:
-        for key, data in _guarded(url, a, b, stats):
-            try:
-                if data is None:
-                    raise BadImage("sample has no image member")
-                yield decode_square(data, resolution)
-            except BadImage as exc:
-                stats.skipped += 1
-                stats.warn(f"skipping sample {key} of {url}: {exc}")
+        yield from _decoded(url, _guarded(url, a, b, stats), resolution, skip)
