@@ -1007,11 +1007,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from data_pipeline.errors import DataError
     from rgan_dist.errors import UsageError
 
     try:
         return _main(argv)
-    except UsageError as e:  # a bad path, config value or network file: one line, never a traceback
+    except (UsageError, DataError) as e:  # a bad path, config value or network file: one line, never a traceback
         raise usage_error(str(e)) from None
 
 

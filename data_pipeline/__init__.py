@@ -1,7 +1,8 @@
 """Images -> WebDataset shards (writer) and shards -> uint8 batches per rank/worker (reader).
 
-Knows nothing about GANs. Exports are resolved lazily so that `rgan shards` and writer worker
-processes never pay for importing torch (only the reader needs it).
+Knows nothing about GANs: it imports nothing from the training library, and bad input is its own
+`DataError`. Exports are resolved lazily so that `rgan shards` and writer worker processes never pay
+for importing torch (only the reader needs it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
+    "DataError": "data_pipeline.errors",
     "write_shards": "data_pipeline.writer",
     "make_batch_iterator": "data_pipeline.reader",
     "BatchIterator": "data_pipeline.reader",

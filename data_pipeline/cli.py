@@ -1,8 +1,8 @@
 """`rgan shards SRC... --out DIR --resolution R`: argument wiring for the launcher.
 
 Arguments that need validation (resolution, format, sizes, colours) are parsed here rather than by
-argparse `type=`/`choices=`, so that every bad value becomes one `UsageError` line (exit code 2)
-with the same wording as the library raises.
+argparse `type=`/`choices=`, so that every bad value becomes one `DataError` line (exit code 2, from
+the launcher's one error handler) with the same wording as the writer raises.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import re
 
 from PIL import ImageColor
 
+from data_pipeline.errors import DataError
 from data_pipeline.images import FITS, FORMATS
 from data_pipeline.sources import STACKED_DEFAULT_COUNT, STACKED_DIGITS, stacked_source
 from data_pipeline.writer import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SHARD_SIZE, summary_line, write_shards
-from rgan_dist.errors import UsageError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -75,9 +75,9 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
 def run_shards(args: argparse.Namespace) -> int:
     fmt = str(args.format).lower()
     if fmt not in (*FORMATS, "jpeg"):
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     if args.fit not in FITS:
-        raise UsageError(f"--fit must be one of {', '.join(FITS)}, got {args.fit!r}")
+        raise DataError(f"--fit must be one of {', '.join(FITS)}, got {args.fit!r}")
     seed = _int(args.seed, "--seed", "an integer")
     manifest = write_shards(
         stacked_sources(args.sources, count=args.count, seed=seed),
@@ -104,12 +104,12 @@ def stacked_sources(sources: list[str], *, count: str | None, seed: int) -> list
     """A bare `sklearn:stacked-digits` becomes its canonical form with --count and --seed, so the manifest's
     `sources` says how to draw the same set again."""
     if count is not None and STACKED_DIGITS not in sources:
-        raise UsageError(f"--count applies only to the source {STACKED_DIGITS}")
+        raise DataError(f"--count applies only to the source {STACKED_DIGITS}")
     n = STACKED_DEFAULT_COUNT if count is None else _int(count, "--count", "a positive integer")
     if n < 1:
-        raise UsageError(f"--count must be a positive integer, got {count!r}")
+        raise DataError(f"--count must be a positive integer, got {count!r}")
     if seed < 0 and STACKED_DIGITS in sources:
-        raise UsageError(f"--seed must be >= 0 for {STACKED_DIGITS}, got {seed}")
+        raise DataError(f"--seed must be >= 0 for {STACKED_DIGITS}, got {seed}")
     return [stacked_source(n, seed) if s == STACKED_DIGITS else s for s in sources]
 
 
@@ -117,19 +117,19 @@ def _int(value: object, flag: str, allowed: str) -> int:
     try:
         return int(str(value).strip())
     except ValueError:
-        raise UsageError(f"{flag} must be {allowed}, got {value!r}") from None
+        raise DataError(f"{flag} must be {allowed}, got {value!r}") from None
 
 
 def parse_size(text: str) -> int:
     """'268435456', '256MiB', '1GB', '500k' -> bytes (K/M/G/T: powers of 1024 with 'i', else of 1000)."""
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise UsageError(f"--max-shard-bytes must be a byte count like 268435456, 256MiB or 1GB, got {text!r}")
+        raise DataError(f"--max-shard-bytes must be a byte count like 268435456, 256MiB or 1GB, got {text!r}")
     number, unit, suffix = float(m.group(1)), m.group(2).lower(), (m.group(3) or "").lower()
     base = 1024 if suffix == "ib" or (unit and not suffix) else 1000
     size = int(number * base ** " kmgt".index(unit or " "))
     if size < 1:
-        raise UsageError(f"--max-shard-bytes must be positive, got {text!r}")
+        raise DataError(f"--max-shard-bytes must be positive, got {text!r}")
     return size
 
 
@@ -140,5 +140,5 @@ def parse_color(text: str) -> tuple[int, int, int]:
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-        raise UsageError(f"--background must be R,G,B (0..255), a colour name or #hex, got {text!r}")
+        raise DataError(f"--background must be R,G,B (0..255), a colour name or #hex, got {text!r}")
     return rgb  # type: ignore[return-value]

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.errors import DataError
 from data_pipeline.images import SAMPLE_IMAGE_EXTS, BadImage, decode_square
 from data_pipeline.shardset import ShardSet, open_url, resolve
 from data_pipeline.tarstream import tar_members
-from rgan_dist.errors import UsageError
 
 log = logging.getLogger("data_pipeline")
 _MAX_WARNINGS = 5  # per worker; the count keeps going, the log does not flood
@@ -436,7 +436,7 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
-        raise UsageError(f"rank {rank} is not valid for world size {world_size}")
+        raise DataError(f"rank {rank} is not valid for world size {world_size}")
     return rank, world_size
 
 
@@ -473,25 +473,25 @@ def make_batch_iterator(
         ("prefetch", prefetch, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"data reader: {name} must be an integer >= {low}, got {value!r}")
+            raise DataError(f"data reader: {name} must be an integer >= {low}, got {value!r}")
     if resolution is not None and (not isinstance(resolution, int) or resolution < 2):
-        raise UsageError(f"data reader: resolution must be an integer >= 2, got {resolution!r}")
+        raise DataError(f"data reader: resolution must be an integer >= 2, got {resolution!r}")
     rank, world_size = rank_and_world(rank, world_size)
     shards = resolve(spec, resolution=resolution)
     counts = shards.counts
     if samples_per_epoch is None:
         if counts is None:
-            raise UsageError(
+            raise DataError(
                 f"cannot size an epoch of {spec!r}: no manifest.json beside the shards; pass samples_per_epoch"
             )
         samples_per_epoch = sum(counts)
     if samples_per_epoch < 1:
-        raise UsageError(f"data set {spec!r} holds no samples")
+        raise DataError(f"data set {spec!r} holds no samples")
     if counts is None:
         n = len(shards.urls)
         counts = tuple([-(-samples_per_epoch // n)] * n)
     if sum(counts) == 0:
-        raise UsageError(f"data set {spec!r} holds no samples")
+        raise DataError(f"data set {spec!r} holds no samples")
     res = resolution or shards.resolution or _probe_resolution(shards)
     bpe = max(1, samples_per_epoch // (batch_size * world_size))
     if start_batch >= bpe:
@@ -534,7 +534,53 @@ def _probe_resolution(shards: ShardSet) -> int:
             except BadImage:
                 continue
             return min(h, w)
-    raise UsageError(f"cannot tell the image size of {shards.urls[0]} ...: pass a resolution")
+    raise DataError(f"cannot tell the image size of {shards.urls[0]} ...: pass a resolution")
+
+
+def shard_pieces(shards: ShardSet, lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """(url, first, end) of every shard holding part of samples [lo, hi) of a set with known counts, in
+    manifest order: the one place a global sample range is mapped onto shards (shards outside it are
+    never opened)."""
+    if shards.counts is None:
+        raise DataError(f"shards {shards.urls[0]} ...: sample counts are unknown, so a sample range cannot be read")
+    pieces, start = [], 0
+    for url, n in zip(shards.urls, shards.counts, strict=True):
+        a, b = max(lo, start), min(hi, start + n)
+        if b > a:
+            pieces.append((url, a - start, b - start))
+        start += n
+    return pieces
+
+
+def _decoded(url: str, samples: Iterator[tuple[str, bytes | None]], resolution: int | None,
+             skip: Callable[[str, str, BadImage], None]) -> Iterator[np.ndarray]:
+    """Decode one shard's samples as training does; a corrupt sample goes to `skip(key, url, exc)`."""
+    for key, data in samples:
+        try:
+            if data is None:
+                raise BadImage("sample has no image member")
+            yield decode_square(data, resolution)
+        except BadImage as exc:
+            skip(key, url, exc)
+
+
+def _log_skip(key: str, url: str, exc: BadImage) -> None:
+    log.warning("skipping sample %s of %s: %s", key, url, exc)
+
+
+def iter_sample_range(
+    shards: ShardSet, lo: int, hi: int, *, resolution: int | None = None,
+    skip: Callable[[str, str, BadImage], None] = _log_skip,
+) -> Iterator[np.ndarray]:
+    """Samples [lo, hi) of a shard set with known counts, in manifest order, as uint8 HxWx3.
+
+    `resolution` R decodes exactly as the training reader does (`decode_square(data, R)`: the stored size
+    kept when already R x R, else the same fit/resize); None keeps the stored size. A corrupt sample is
+    handed to `skip(key, url, exc)` and left out. Unlike training's stream, a shard that cannot be read
+    raises: a statistic over a silently smaller set (FID's reference) would be wrong.
+    """
+    for url, a, b in shard_pieces(shards, lo, hi):
+        yield from _decoded(url, iter_shard_samples(url, a, b), resolution, skip)
 
 
 def iter_images(
@@ -550,22 +596,14 @@ def iter_images(
     shards = resolve(spec, resolution=resolution)
     stats = _Stats()
     if shards.counts is None:
-        pieces = [(u, 0, None) for u in shards.urls[rank::world_size]]
+        pieces: list[tuple[str, int, int | None]] = [(u, 0, None) for u in shards.urls[rank::world_size]]
     else:
         total = sum(shards.counts)
-        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-        pieces, start = [], 0
-        for url, n in zip(shards.urls, shards.counts, strict=True):
-            a, b = max(lo, start), min(hi, start + n)
-            if b > a:
-                pieces.append((url, a - start, b - start))
-            start += n
+        pieces = list(shard_pieces(shards, rank * total // world_size, (rank + 1) * total // world_size))
+
+    def skip(key: str, url: str, exc: BadImage) -> None:
+        stats.skipped += 1
+        stats.warn(f"skipping sample {key} of {url}: {exc}")
+
     for url, a, b in pieces:
-        for key, data in _guarded(url, a, b, stats):
-            try:
-                if data is None:
-                    raise BadImage("sample has no image member")
-                yield decode_square(data, resolution)
-            except BadImage as exc:
-                stats.skipped += 1
-                stats.warn(f"skipping sample {key} of {url}: {exc}")
+        yield from _decoded(url, _guarded(url, a, b, stats), resolution, skip)

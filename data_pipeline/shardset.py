@@ -29,8 +29,8 @@ from typing import IO, Any
 
 import braceexpand
 
+from data_pipeline.errors import DataError
 from data_pipeline.sources import DIGITS
-from rgan_dist.errors import UsageError
 
 MANIFEST = "manifest.json"
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -73,7 +73,7 @@ def resolve(spec: str, *, resolution: int | None = None, count: bool = True) -> 
     """Resolve a spec. `count=False` skips scanning local tars for counts when there is no manifest."""
     spec = str(spec).strip()
     if not spec:
-        raise UsageError("empty data spec: give a shard folder, a manifest.json, a brace URL list or sklearn:digits")
+        raise DataError("empty data spec: give a shard folder, a manifest.json, a brace URL list or sklearn:digits")
     if spec == DIGITS:
         return resolve(str(digits_shards(resolution or 8)))
     if not is_remote(spec) and "{" not in spec and "::" not in spec:
@@ -83,11 +83,11 @@ def resolve(spec: str, *, resolution: int | None = None, count: bool = True) -> 
                 return _from_manifest(_read_json_local(p / MANIFEST), base=str(p), local_dir=p)
             tars = sorted(str(t) for t in p.glob("*.tar"))
             if not tars:
-                raise UsageError(f"shard folder {p} holds neither manifest.json nor any .tar shard")
+                raise DataError(f"shard folder {p} holds neither manifest.json nor any .tar shard")
             return ShardSet(tuple(tars), _scan_counts(tars) if count else None, None, p)
         if p.suffix == ".json":
             if not p.is_file():
-                raise UsageError(f"manifest not found: {p}")
+                raise DataError(f"manifest not found: {p}")
             return _from_manifest(_read_json_local(p), base=str(p.parent), local_dir=p.parent)
     if is_remote(spec) and not spec.startswith("pipe:") and (spec.endswith(".json") or spec.endswith("/")):
         url = spec + MANIFEST if spec.endswith("/") else spec
@@ -111,9 +111,9 @@ def _from_manifest(m: dict[str, Any], *, base: str, local_dir: Path | None) -> S
         urls = tuple(_join(base, str(s["url"])) for s in shards)
         counts = tuple(int(s["num_samples"]) for s in shards)
     except (KeyError, TypeError, ValueError):
-        raise UsageError(f"manifest in {base} lacks shards[].url / shards[].num_samples") from None
+        raise DataError(f"manifest in {base} lacks shards[].url / shards[].num_samples") from None
     if not urls:
-        raise UsageError(f"manifest in {base} lists no shards")
+        raise DataError(f"manifest in {base} lists no shards")
     return ShardSet(urls, counts, m, local_dir)
 
 
@@ -132,7 +132,7 @@ def _expand(spec: str) -> list[str]:
         if part:
             urls.extend(braceexpand.braceexpand(part))
     if not urls:
-        raise UsageError(f"data spec {spec!r} expands to no URL")
+        raise DataError(f"data spec {spec!r} expands to no URL")
     return urls
 
 
@@ -143,7 +143,7 @@ def _from_url_list(spec: str, count: bool) -> ShardSet:
         paths = [_local_path(u) for u in urls]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise UsageError(f"{len(missing)} shard(s) of {spec!r} not found, first: {missing[0]}")
+            raise DataError(f"{len(missing)} shard(s) of {spec!r} not found, first: {missing[0]}")
         parents = {p.parent.resolve() for p in paths}
         local_dir = parents.pop() if len(parents) == 1 else None
         m, known = _neighbour_manifest(local_dir, [p.name for p in paths]) if local_dir else (None, None)
@@ -174,7 +174,7 @@ def _neighbour_manifest(d: Path, names: list[str]) -> tuple[dict[str, Any] | Non
     try:
         m = _read_json_local(d / MANIFEST)
         by_name = {Path(str(s["url"])).name: int(s["num_samples"]) for s in m["shards"]}
-    except (UsageError, KeyError, TypeError, ValueError):
+    except (DataError, KeyError, TypeError, ValueError):
         return None, None
     if not all(n in by_name for n in names):
         return None, None
@@ -185,17 +185,17 @@ def _read_json_local(p: Path) -> dict[str, Any]:
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read manifest {p}: {exc}") from None
+        raise DataError(f"cannot read manifest {p}: {exc}") from None
 
 
 def _read_json_remote(url: str) -> dict[str, Any]:
     try:
         with open_url(url) as f:
             return json.loads(f.read().decode("utf-8"))
-    except UsageError:
+    except DataError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot read manifest {url}: {exc}") from None
+        raise DataError(f"cannot read manifest {url}: {exc}") from None
 
 
 def _scan_counts(paths: list[str]) -> tuple[int, ...]:
@@ -217,7 +217,7 @@ def _scan_counts(paths: list[str]) -> tuple[int, ...]:
                         last = key
                     tf.members.clear()  # keep memory flat on huge shards
         except (OSError, tarfile.TarError) as exc:
-            raise UsageError(f"cannot read shard {p}: {exc}") from None
+            raise DataError(f"cannot read shard {p}: {exc}") from None
         counts.append(keys)
     return tuple(counts)
 
@@ -228,7 +228,7 @@ def open_url(url: str) -> IO[bytes]:
 
 
 def opener(url: str) -> Callable[[], IO[bytes]]:
-    """How `url` will be opened; raises UsageError up front when nothing here can read its scheme."""
+    """How `url` will be opened; raises DataError up front when nothing here can read its scheme."""
     if not is_remote(url):
         return functools.partial(open, _local_path(url), "rb", buffering=1 << 20)
     scheme = url.split(":", 1)[0].lower()
@@ -249,7 +249,7 @@ def opener(url: str) -> Callable[[], IO[bytes]]:
         return functools.partial(gopen, f"pipe:aws s3 cp --quiet {shlex.quote(url)} -", "rb")
     if scheme == "gs" and shutil.which("gsutil"):
         return functools.partial(gopen, url, "rb")
-    raise UsageError(
+    raise DataError(
         f"cannot open {url}: no reader for {scheme}:// ({fs_error}); install its fsspec backend "
         f"(s3fs, gcsfs) or the aws CLI, or write the URL as pipe:COMMAND"
     )
@@ -257,7 +257,8 @@ def opener(url: str) -> Callable[[], IO[bytes]]:
 
 def cache_root() -> Path:
     """The project's user cache (RGAN_DATA_CACHE, else XDG_CACHE_HOME or ~/.cache, then /rgan-dist): the
-    digits shards here, FID reference statistics of in-memory data in rgan_dist.metrics."""
+    digits shards here, and whatever the users of this pipeline derive from them (e.g. FID reference
+    statistics of in-memory data)."""
     env = os.environ.get("RGAN_DATA_CACHE")
     if env:
         return Path(env)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.errors import DataError
 from data_pipeline.images import is_image_name
-from rgan_dist.errors import UsageError
 
 DIGITS = "sklearn:digits"
 STACKED_DIGITS = "sklearn:stacked-digits"
@@ -48,30 +48,30 @@ class Listing:
 def check_sources(sources: list[str]) -> None:
     """Reject unusable source arguments before any output is touched."""
     if not sources:
-        raise UsageError("no source given: pass one or more folders, .zip or .tar files, or sklearn:digits")
+        raise DataError("no source given: pass one or more folders, .zip or .tar files, or sklearn:digits")
     for src in sources:
         if src == DIGITS or parse_stacked(src) is not None:
             continue
         if src.startswith("sklearn:"):
-            raise UsageError(f"unknown embedded source {src}: use {DIGITS} or {STACKED_DIGITS}")
+            raise DataError(f"unknown embedded source {src}: use {DIGITS} or {STACKED_DIGITS}")
         p = Path(src)
         if not p.exists():
-            raise UsageError(f"source not found: {src} (expected a folder, a .zip, a .tar or {DIGITS})")
+            raise DataError(f"source not found: {src} (expected a folder, a .zip, a .tar or {DIGITS})")
         if p.is_dir():
             continue
         low = p.name.lower()
         if low.endswith(_COMPRESSED_TAR):
-            raise UsageError(
+            raise DataError(
                 f"compressed tar source not supported: {src} (decompress it to .tar, or use a .zip or folder)"
             )
         if low.endswith(".zip"):
             if not zipfile.is_zipfile(p):
-                raise UsageError(f"source {src} is not a readable zip archive")
+                raise DataError(f"source {src} is not a readable zip archive")
         elif low.endswith(".tar"):
             if not tarfile.is_tarfile(p):
-                raise UsageError(f"source {src} is not a readable tar archive")
+                raise DataError(f"source {src} is not a readable tar archive")
         else:
-            raise UsageError(f"unsupported source {src}: expected a folder, a .zip, a .tar or {DIGITS}")
+            raise DataError(f"unsupported source {src}: expected a folder, a .zip, a .tar or {DIGITS}")
 
 
 def list_sources(sources: list[str]) -> Listing:
@@ -204,9 +204,9 @@ def stacked_source(count: int = STACKED_DEFAULT_COUNT, seed: int = 0) -> str:
     The draw's parameters live in the string so that the manifest's `sources` says how to rebuild the set.
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise UsageError(f"Stacked-Digits count must be a positive integer, got {count!r}")
+        raise DataError(f"Stacked-Digits count must be a positive integer, got {count!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"Stacked-Digits seed must be an integer >= 0, got {seed!r}")
+        raise DataError(f"Stacked-Digits seed must be an integer >= 0, got {seed!r}")
     return f"{STACKED_DIGITS}?count={count}&seed={seed}"
 
 
@@ -219,12 +219,12 @@ def parse_stacked(src: str) -> tuple[int, int] | None:
     for part in query.split("&") if sep else ():
         key, _, value = part.partition("=")
         if key not in params:
-            raise UsageError(f"source {src!r}: unknown parameter {key!r}; write {STACKED_DIGITS}?count=N&seed=S")
+            raise DataError(f"source {src!r}: unknown parameter {key!r}; write {STACKED_DIGITS}?count=N&seed=S")
         params[key] = value
     try:
         count, seed = int(params["count"]), int(params["seed"])
     except ValueError:
-        raise UsageError(f"source {src!r}: count and seed must be integers, e.g. {stacked_source(1000, 0)}") from None
+        raise DataError(f"source {src!r}: count and seed must be integers, e.g. {stacked_source(1000, 0)}") from None
     stacked_source(count, seed)  # range checks
     return count, seed
 

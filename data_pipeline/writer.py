@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline.errors import DataError
 from data_pipeline.images import FITS, FORMATS, BadImage, _why, encode, prepare
 from data_pipeline.sources import Item, check_sources, item_label, list_sources, read_item
-from rgan_dist.errors import UsageError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -74,7 +74,7 @@ def write_shards(
     `shuffle` (default on, seeded) permutes the input order before sharding: folders are often
     sorted by class, and a reader that streams shards sequentially would otherwise see long runs of
     one class. Broken inputs are skipped and listed in the manifest; non-image files are ignored.
-    Raises `UsageError` for bad arguments, an existing non-empty `out_dir` without `overwrite`, or
+    Raises `DataError` for bad arguments, an existing non-empty `out_dir` without `overwrite`, or
     when not a single input could be used.
     """
     opts = _check_options(resolution, fmt, quality, fit, background)
@@ -82,13 +82,13 @@ def write_shards(
         sources = [sources]
     sources = [str(s) for s in sources]
     if not isinstance(shard_size, int) or shard_size < 1:
-        raise UsageError(f"shard size must be a positive integer, got {shard_size!r}")
+        raise DataError(f"shard size must be a positive integer, got {shard_size!r}")
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise UsageError(f"max shard bytes must be a positive integer, got {max_shard_bytes!r}")
+        raise DataError(f"max shard bytes must be a positive integer, got {max_shard_bytes!r}")
     if not _NAME_RE.match(name):
-        raise UsageError(f"shard name {name!r} must start with a letter or digit and use only A-Z a-z 0-9 _ . -")
+        raise DataError(f"shard name {name!r} must start with a letter or digit and use only A-Z a-z 0-9 _ . -")
     if not isinstance(workers, int) or workers < 0:
-        raise UsageError(f"workers must be >= 0 (0 = one per CPU core), got {workers!r}")
+        raise DataError(f"workers must be >= 0 (0 = one per CPU core), got {workers!r}")
     workers = workers or (os.cpu_count() or 1)
     check_sources(sources)
     out = Path(out_dir)
@@ -97,7 +97,7 @@ def write_shards(
     listing = list_sources(sources)
     items = listing.items
     if not items:
-        raise UsageError(f"no image files found in {', '.join(sources)} ({listing.ignored} non-image files ignored)")
+        raise DataError(f"no image files found in {', '.join(sources)} ({listing.ignored} non-image files ignored)")
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
@@ -144,7 +144,7 @@ def write_shards(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
-        raise UsageError(f"none of the {len(items)} images in {', '.join(sources)} could be used{first}")
+        raise DataError(f"none of the {len(items)} images in {', '.join(sources)} could be used{first}")
 
     manifest = {
         "version": MANIFEST_VERSION,
@@ -180,28 +180,28 @@ def summary_line(manifest: dict[str, Any], out_dir: str | os.PathLike[str]) -> s
 
 def _check_options(resolution: Any, fmt: Any, quality: Any, fit: Any, background: Any) -> EncodeOptions:
     if isinstance(resolution, bool) or not isinstance(resolution, int) or not 2 <= resolution <= 8192:
-        raise UsageError(f"resolution must be an integer from 2 to 8192 pixels, got {resolution!r}")
+        raise DataError(f"resolution must be an integer from 2 to 8192 pixels, got {resolution!r}")
     fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
     if fmt not in FORMATS:
-        raise UsageError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise DataError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise UsageError(f"quality must be an integer from 1 to 100, got {quality!r}")
+        raise DataError(f"quality must be an integer from 1 to 100, got {quality!r}")
     if fit not in FITS:
-        raise UsageError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+        raise DataError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
     try:
         bg = tuple(int(c) for c in background)
     except (TypeError, ValueError):
         bg = ()
     if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
-        raise UsageError(f"background must be three values 0..255 (R, G, B), got {background!r}")
+        raise DataError(f"background must be three values 0..255 (R, G, B), got {background!r}")
     return EncodeOptions(resolution, fmt, quality, fit, bg)  # type: ignore[arg-type]
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
+        raise DataError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
+        raise DataError(f"output folder {out} already exists and is not empty; pass --overwrite to replace it")
 
 
 # Files that consumers cache beside a shard set and that describe its content (FID reference statistics

@@ -2,7 +2,9 @@
 
 Each subcommand lives in the module that owns its concept and is imported only when chosen, so
 `rgan --help` stays instant (DeepSpeed and Ray take seconds to import). Bad input anywhere surfaces as
-`UsageError`: one line on stderr, exit code 2, never a traceback.
+a `UsageError` (the library's, `ConfigError` included) or a `DataError` (the data pipeline's);
+`run_command` is the one place either becomes one line on stderr and exit code 2, never a traceback.
+Every subcommand goes through it, whether started as `rgan COMMAND` or as `python -m launcher.X`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from data_pipeline.errors import DataError
 from rgan_dist.errors import UsageError
 
+# What a user can fix: the library's UsageError (ConfigError is one) and the data pipeline's DataError.
+USER_ERRORS: tuple[type[Exception], ...] = (UsageError, DataError)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # name -> (help, "module:add_arguments", "module:run")
@@ -74,6 +79,24 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def run_command(prog: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, *,
+                interrupted: str = "interrupted") -> int:
+    """Run one subcommand and turn what the user can fix into `PROG: error: MESSAGE` and exit code 2.
+
+    The only CLI error handler: `main` and each module's `python -m` entry call it, so the wording and
+    exit codes cannot drift apart. Ctrl-C is exit 130 with `PROG: <interrupted>` (a command may add how
+    to continue). Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv)
@@ -81,14 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return int(_load(COMMANDS[args.command][2])(args) or 0)
-    except UsageError as e:
-        print(f"rgan {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"rgan {args.command}: interrupted", file=sys.stderr)
-        return 130
+    run_ref = COMMANDS[args.command][2]
+    return run_command(f"rgan {args.command}", lambda a: _load(run_ref)(a), args)  # import errors handled too
 
 
 if __name__ == "__main__":

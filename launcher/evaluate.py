@@ -145,14 +145,11 @@ def _process_group(cfg: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m launcher.evaluate ...`, the same as `rgan eval ...`."""
+    from launcher.cli import run_command
+
     p = argparse.ArgumentParser(prog="rgan eval", description=__doc__.splitlines()[0])
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"rgan eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("rgan eval", run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -24,16 +24,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m launcher.report ...`, the same as `rgan report ...`."""
-    from rgan_dist.errors import UsageError
+    from launcher.cli import run_command
 
     p = argparse.ArgumentParser(prog="rgan report", description=__doc__.splitlines()[0])
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"rgan report: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("rgan report", run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

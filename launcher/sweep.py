@@ -58,19 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python launcher/sweep.py ...` (what `ray submit` runs), the same as `rgan sweep ...`."""
-    from rgan_dist.errors import UsageError
+    from launcher.cli import run_command
 
     p = argparse.ArgumentParser(prog="rgan sweep", description=__doc__.splitlines()[0])
     add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"rgan sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rgan sweep: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    return run_command("rgan sweep", run, p.parse_args(argv), interrupted="interrupted; continue with --resume")
 
 
 if __name__ == "__main__":

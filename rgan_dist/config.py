@@ -27,6 +27,9 @@ import yaml
 from rgan_dist.errors import ConfigError
 
 MODEL_ARCHS = ("dcgan", "cnn32")
+# The names of rgan_dist.losses' registries (LOSSES, PENALTIES), spelled out rather than imported: the
+# losses pull in torch (~2 s), and reading or checking a config (`rgan train --help`, `--print-config`)
+# must not. tests/test_losses.py asserts both tuples equal the registries, so they cannot drift.
 LOSS_NAMES = (
     "sgan", "sgan-sat", "rsgan", "rpgan", "rasgan", "lsgan", "ralsgan", "hinge", "rahinge", "wgan",
     "rcsgan", "rclsgan", "rchinge",

@@ -3,7 +3,10 @@
 Why one file: relativistic losses make the generator step depend on the critic's output on
 *real* images, which changes what the training loop must compute. Keeping every loss decision
 (formula, scaling, whether the G step needs reals) here means the loop never branches on a
-loss name, and a reviewer can check the whole family against REFERENCES.md in one sitting.
+loss name, and a reviewer can check the whole family in one sitting against the paper
+(Jolicoeur-Martineau, "The relativistic discriminator: a key element missing from standard GAN",
+ICLR 2019, arXiv:1807.00734) and its official code (github.com/AlexiaJM/RelativisticGAN,
+``code/GAN_losses_iter.py``, ``--loss_D`` 1..8; tests/test_losses.py lists that table).
 
 Conventions (r = C(x_real), f = C(x_fake), raw logits; m = batch mean, see "Batch statistics";
 BCE(x, t) = ``binary_cross_entropy_with_logits``, mean-reduced):

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import iter_images, load_manifest, make_batch_iterator, manifest_dir
-from rgan_dist.errors import UsageError
+from data_pipeline.errors import DataError
 
 SIZE = 8
 
@@ -171,7 +171,7 @@ def test_rank_and_world_from_environment(tmp_path, monkeypatch):
     from_env = take(make_batch_iterator(str(spec), batch_size=2, workers=0), 4)
     explicit = take(make_batch_iterator(str(spec), batch_size=2, rank=1, world_size=2, workers=0), 4)
     assert from_env == explicit
-    with pytest.raises(UsageError, match="rank 2"):
+    with pytest.raises(DataError, match="rank 2"):
         make_batch_iterator(str(spec), batch_size=2, rank=2, world_size=2)
 
 
@@ -238,7 +238,7 @@ def test_http_streaming_matches_local(tmp_path, monkeypatch):
         assert streamed == list(range(32))
         monkeypatch.setattr("data_pipeline.shardset.shutil.which", lambda _: None)  # no curl: urllib
         assert [int(a[0, 0, 0]) for a in iter_images(brace, rank=1, world_size=2)] == list(range(16, 32))
-    with pytest.raises(UsageError, match="no reader for foo://"):
+    with pytest.raises(DataError, match="no reader for foo://"):
         make_batch_iterator("foo://host/part-{000000..000002}.tar", batch_size=4, samples_per_epoch=8)
 
 

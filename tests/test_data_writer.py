@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline.cli import add_shards_arguments, parse_color, parse_size, run_shards
+from data_pipeline.errors import DataError
 from data_pipeline.writer import write_shards
-from rgan_dist.errors import UsageError
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 R = 32
@@ -246,7 +246,7 @@ def test_cli_summary_overwrite_and_errors(messy, tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"kept {messy['kept']}, skipped 5, ignored 3")
 
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(DataError, match="--overwrite"):
         _cli([*messy["sources"], "--out", str(out), "--resolution", "16"])
     (out / "keep.txt").write_text("user file")
     stale = out / "data-000099.tar"
@@ -265,19 +265,19 @@ def test_cli_summary_overwrite_and_errors(messy, tmp_path, capsys):
         ([messy["sources"][0], "--out", str(tmp_path / "x"), "--resolution", "16", "--quality", "0"], "quality"),
     ]
     for argv, match in bad:
-        with pytest.raises(UsageError, match=match) as info:
+        with pytest.raises(DataError, match=match) as info:
             _cli(argv)
         assert "\n" not in str(info.value)
     assert not (tmp_path / "x").exists()
     empty = tmp_path / "only_text"
     empty.mkdir()
     (empty / "a.txt").write_text("x")
-    with pytest.raises(UsageError, match="no image files"):
+    with pytest.raises(DataError, match="no image files"):
         write_shards([str(empty)], tmp_path / "y", 16)
     broken = tmp_path / "only_broken"
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"")
-    with pytest.raises(UsageError, match="none of the 1 images"):
+    with pytest.raises(DataError, match="none of the 1 images"):
         write_shards([str(broken)], tmp_path / "z", 16)
     assert not (tmp_path / "z").exists()
 
@@ -287,7 +287,7 @@ def test_size_and_colour_parsing():
     assert parse_size("1234") == 1234
     assert parse_color("0,128,255") == (0, 128, 255) and parse_color("white") == (255, 255, 255)
     for bad in ("lots", "-1"):
-        with pytest.raises(UsageError):
+        with pytest.raises(DataError):
             parse_size(bad)
-    with pytest.raises(UsageError):
+    with pytest.raises(DataError):
         parse_color("300,0,0")

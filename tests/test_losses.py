@@ -1,8 +1,29 @@
-"""Losses and penalties against independently written formulas (REFERENCES.md's table).
+"""Losses and penalties against independently written formulas.
 
 The reference expressions below are spelled out with explicit log/softplus arithmetic on
 purpose: they share no code with rgan_dist.losses, so a wrong sign, a missing /2 or a [B]
 against [B, 1] broadcast in the module shows up as a mismatch.
+
+Source: the paper (Jolicoeur-Martineau, "The relativistic discriminator: a key element missing from
+standard GAN", ICLR 2019, arXiv:1807.00734) as its official code computes it
+(github.com/AlexiaJM/RelativisticGAN, `code/GAN_losses_iter.py`, `--loss_D` 1..8). With r = C(x_real),
+f = C(x_fake) raw logits and m = batch mean:
+
+    code  name        D loss                                          G loss
+    1     SGAN        BCE(r,1) + BCE(f,0)                             BCE(f,1) (non-saturating)
+    2     LSGAN       m((r-1)^2) + m(f^2)  (not halved)               m((f-1)^2)
+    3     WGAN-GP     -m(r) + m(f) + GP                               -m(f)
+    4     HingeGAN    m(relu(1-r)) + m(relu(1+f))                     -m(f)
+    5     RSGAN       BCE(r-f, 1), paired by index                    BCE(f-r, 1)
+    6     RaSGAN      [BCE(r-m(f),1) + BCE(f-m(r),0)]/2               [BCE(r-m(f),0) + BCE(f-m(r),1)]/2
+    7     RaLSGAN     [m((r-m(f)-1)^2) + m((f-m(r)+1)^2)]/2           [m((r-m(f)+1)^2) + m((f-m(r)-1)^2)]/2
+    8     RaHinge     [m(relu(1-(r-m(f)))) + m(relu(1+(f-m(r))))]/2   [m(relu(1+(r-m(f)))) + m(relu(1-(f-m(r))))]/2
+
+GP (`--grad_penalty`): u ~ U(0, 1) per sample, x_hat = u x_r + (1-u) x_f (x_f detached),
+lambda m((||grad C(x_hat)||_2 - 1)^2) with the norm over C*H*W, lambda = 10. The paper-era upload had
+a sign bug in RaSGAN/RaLSGAN (fake term m(f) - r; the repository's issue #2), fixed a day later: the
+fixed form is the one tested. The centred (Rc) forms follow the author's later code
+(github.com/AlexiaJM/relativistic-f-divergences, `GAN.py`), keeping the /2 (see rgan_dist/losses.py).
 """
 
 from __future__ import annotations
@@ -445,3 +466,11 @@ def test_math_of_the_reference_helpers():
     s = 1 / (1 + math.exp(-0.3))
     assert bce1(x).item() == pytest.approx(-math.log(s))
     assert bce0(x).item() == pytest.approx(-math.log(1 - s))
+
+
+def test_config_names_are_the_registries():
+    """config spells the names out (it must not import torch); they must be exactly the registries."""
+    from rgan_dist.config import LOSS_NAMES, PENALTY_NAMES
+
+    assert LOSS_NAMES == losses.LOSSES
+    assert PENALTY_NAMES == losses.PENALTIES

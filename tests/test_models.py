@@ -1,9 +1,24 @@
 """G/D architectures: shapes, parameter counts against closed forms, spectral norm, BatchNorm
 switches, PacGAN packing, input validation, initialisation and determinism.
 
-Parameter counts are derived here from the layer lists in REFERENCES.md with plain arithmetic
-(no model code), so a wrong depth, width, bias or BatchNorm placement shows up as a mismatch.
-Everything runs at tiny widths except the paper-size constructions, which do no forward pass.
+Parameter counts are derived here from the layer lists below with plain arithmetic (no model code),
+so a wrong depth, width, bias or BatchNorm placement shows up as a mismatch. Everything runs at tiny
+widths except the paper-size constructions, which do no forward pass.
+
+The layer lists, as the paper (Jolicoeur-Martineau, "The relativistic discriminator: a key element
+missing from standard GAN", ICLR 2019, arXiv:1807.00734) trained them in its official code
+(github.com/AlexiaJM/RelativisticGAN, `code/GAN_losses_iter.py`):
+
+- `--arch 1`, our `cnn32` (CIFAR-10): the "standard CNN" of Miyato et al. (spectral normalization,
+  ICLR 2018, arXiv:1802.05957). G: Linear(z -> 512*4*4); 3 x [ConvT k4 s2 p1, BN, ReLU]
+  512 -> 256 -> 128 -> 64; Conv3x3 64 -> 3; Tanh. D: conv3x3 64, conv4x4s2 64, conv3x3 128,
+  conv4x4s2 128, conv3x3 256, conv4x4s2 256, conv3x3 512, each followed by LeakyReLU(0.1) (and BN
+  after the first six when D has BatchNorm), then Linear(512*4*4 = 8192 -> 1). Every layer has a bias.
+  With spectral norm (the stable setup) it wraps every conv, not the final Linear, and D has no BN.
+- `--arch 0`, our `dcgan` (CAT): depth from the image size; G: ConvT k4 blocks with BN + ReLU, Tanh
+  out; D: conv k4 s2 blocks with BN (none on the first), LeakyReLU(0.2), final conv k4 -> 1; no biases.
+  Width 64 at 64^2 and 128^2, 32 at 256^2 (that preset also packs 2 images for D, PacGAN-2).
+- z: 128-d. Init: conv N(0, 0.02), BN weight N(1, 0.02), bias 0.
 """
 
 from __future__ import annotations

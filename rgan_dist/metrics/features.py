@@ -235,27 +235,8 @@ def _iter_files(files: list[Path], workers: int) -> Iterator[np.ndarray]:
     yield from loader
 
 
-def _iter_shard_range(shards: Any, lo: int, hi: int, resolution: int | None = None) -> Iterator[np.ndarray]:
-    """Samples [lo, hi) of a shard set in manifest order; corrupt samples are logged and left out.
-
-    `resolution` R decodes exactly as the training reader does (`decode_square(data, R)`: stored size
-    kept when already R x R, else the same fit/resize), so reference statistics describe the images the
-    model was trained on; None keeps the stored size (comparing two data sets)."""
-    from data_pipeline.images import BadImage, decode_square
-    from data_pipeline.reader import iter_shard_samples
-
-    start = 0
-    for url, n in zip(shards.urls, shards.counts, strict=True):
-        a, b = max(lo, start), min(hi, start + n)
-        if b > a:
-            for key, data in iter_shard_samples(url, a - start, b - start):
-                try:
-                    if data is None:
-                        raise BadImage("sample has no image member")
-                    yield decode_square(data, resolution)
-                except BadImage as exc:
-                    log.warning("FID: skipping sample %s of %s: %s", key, url, exc)
-        start += n
+def _skip_sample(key: str, url: str, exc: Exception) -> None:
+    log.warning("FID: skipping sample %s of %s: %s", key, url, exc)
 
 
 def _iter_share(src: ImageSource, n: int | None, rank: int, world: int, workers: int,
@@ -264,8 +245,11 @@ def _iter_share(src: ImageSource, n: int | None, rank: int, world: int, workers:
         lo, hi = share(n if n is not None else len(src.files), rank, world)
         yield from _iter_files(list(src.files[lo:hi]), workers)
     elif src.total is not None:
+        from data_pipeline.reader import iter_sample_range
+
         lo, hi = share(n if n is not None else src.total, rank, world)
-        yield from _iter_shard_range(src.shards, lo, hi, resolution)
+        # decoded at `resolution` exactly as training decodes (None: as stored), a failed shard fatal
+        yield from iter_sample_range(src.shards, lo, hi, resolution=resolution, skip=_skip_sample)
     else:
         # Remote shards without a manifest: sample counts are unknown, so ranks take whole shards
         # (data_pipeline's split) and the set of images used then depends on the world size.
@@ -296,8 +280,8 @@ def compute_dataset_features(
 
     N = min(num_samples, images available) (all when None). Images of different sizes are fine: a
     batch is cut where the size changes. `workers` > 0 decodes folder images in DataLoader workers.
-    `resolution`: decode shard images at this size the way training does (`_iter_shard_range`); folder
-    images are always used as stored.
+    `resolution`: decode shard images at this size the way training does (`data_pipeline.reader`'s
+    `iter_sample_range`); folder images are always used as stored.
     """
     src = source if isinstance(source, ImageSource) else open_source(source)
     rank, world = rank_world()
