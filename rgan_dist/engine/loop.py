@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +40,40 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps: the run cannot recover by skipping."""
 
 
+class Callback:
+    """Hooks a caller adds to a run without subclassing the Trainer (the sweep's trial reports each evaluation
+    to Tune, injects its test fault, sets PBT's hyperparameters). Every method is optional: an object with
+    any subset of them works, and this class is a no-op base to subclass for convenience.
+
+    - `on_start(trainer)`: fired by `train()` once the Trainer is built (models placed, checkpoint resumed,
+      so `trainer.step` is the resumed step), before the first step.
+    - `on_step_end(trainer, step, metrics)`: after every outer step, once the step's metrics were logged.
+      `metrics` is the logged dict (floats, averaged over ranks) on a logging step (`train.log_every`) and
+      `{}` on the others, so a callback never forces a host sync the loop would not make anyway. Fired
+      before the step's samples, evaluation and checkpoint.
+    - `on_eval(trainer, step, results)`: after each evaluation (`Trainer.evaluate`, in the loop or called
+      directly), once its results were logged and best.pt saved.
+    - `on_end(trainer, result, error)`: fired by `train()` after `fit()` returned (`error` None) or raised
+      (`result` None), while the strategy and tracker are still open (a collective such as
+      `trainer.save_checkpoint()` is allowed: every rank is there, also after `TrainingDiverged`, which
+      the ranks raise at the same step).
+
+    Stopping. `on_step_end` and `on_eval` may return True, or call `trainer.request_stop()`: the loop
+    finishes the current step (samples, evaluation, checkpoint), saves the final checkpoint and returns
+    with `TrainResult.stopped` set (not `interrupted`: nothing went wrong). Under several ranks the
+    request is agreed in the loop's one per-step `any_rank`, so a request on any rank stops every rank
+    after the same step. A callback may also raise: Tune's `report` ends a stopped trial with
+    `SystemExit(0)`, which `train()` closes as a finished run."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> bool | None: ...
+
+    def on_eval(self, trainer: Trainer, step: int, results: dict[str, float]) -> bool | None: ...
+
+    def on_end(self, trainer: Trainer, result: TrainResult | None, error: BaseException | None) -> None: ...
+
+
 class Evaluator(Protocol):
     """Called every `eval.every` steps with the generator to judge; returns metrics such as fid/kid."""
 
@@ -53,7 +88,8 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     last_metrics: dict[str, float] = field(default_factory=dict)
     bad_steps: int = 0
-    interrupted: bool = False
+    interrupted: bool = False   # Ctrl-C or SIGTERM
+    stopped: bool = False       # a callback asked to stop (`Trainer.request_stop`)
     seconds: float = 0.0        # whole fit(), final checkpoint and samples included
     loop_seconds: float = 0.0   # the step loop alone: what throughput figures divide by
 
@@ -68,8 +104,10 @@ class Trainer:
     """Holds the run's state (models via the strategy, EMA, data stream, counters) and steps it."""
 
     def __init__(self, cfg: Config, strategy: Strategy | None = None, tracker: Tracker | None = None,
-                 evaluator: Evaluator | None = None) -> None:
+                 evaluator: Evaluator | None = None, callbacks: Sequence[Any] = ()) -> None:
         self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.stop_requested = False
         self.s = strategy or make_strategy(cfg)
         # Every rank builds the same models, then seeds its own stream: DeepSpeed broadcasts parameters but
         # not buffers, and spectral norm's u/v drawn from seed + rank differed between ranks for ~30 steps.
@@ -208,11 +246,13 @@ class Trainer:
         window_start, window_reals = time.perf_counter(), self.reals_drawn
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
+        stopped = False
         try:
             while self.step < t.steps:
                 self._want_grad_norms = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 out = self.train_step()
                 s.fault_point("step", self.step)
+                logged: dict[str, float] = {}
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     elapsed = time.perf_counter() - window_start
                     out.update(self._grad_norms)  # the same keys on every rank: gradients are synchronised
@@ -227,6 +267,8 @@ class Trainer:
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
                     window_start, window_reals = time.perf_counter(), self.reals_drawn
+                    logged = metrics
+                self._fire_stoppable("on_step_end", self.step, logged)
                 progress.update(1)
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.save_samples()
@@ -237,9 +279,16 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                 # Ranks agree to stop at the same step (one tiny all-reduce), so the final checkpoint's
-                # gathers line up even when the signal reached them at different moments.
-                if stop.enabled and s.any_rank(stop.requested) and self.step < t.steps:
-                    raise KeyboardInterrupt
+                # gathers line up even when the signal (or a callback's request) reached them at different
+                # moments. One process: a signal raised at once; only a callback's request is left here.
+                wants = stop.requested or self.stop_requested
+                if (s.any_rank(wants) if stop.enabled else wants) and self.step < t.steps:
+                    if not self.stop_requested:
+                        raise KeyboardInterrupt
+                    stopped = True
+                    if s.is_main:
+                        print(f"rgan: stopped at step {self.step} at a callback's request", flush=True)
+                    break
         except KeyboardInterrupt:
             interrupted = True
             if s.is_main:
@@ -253,7 +302,7 @@ class Trainer:
             self.save_samples()
         return TrainResult(step=self.step, out_dir=cfg.out_dir, checkpoint=path, samples=self.samples,
                            last_metrics=metrics, bad_steps=self.bad_steps_total, interrupted=interrupted,
-                           seconds=time.perf_counter() - t0, loop_seconds=loop_seconds)
+                           stopped=stopped, seconds=time.perf_counter() - t0, loop_seconds=loop_seconds)
 
     # ---- samples, eval, checkpoints ---------------------------------------------------------------
 
@@ -279,8 +328,11 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict[str, float]:
-        if self.evaluator is None:
-            return {}
+        result = self._evaluate() if self.evaluator is not None else {}
+        self._fire_stoppable("on_eval", self.step, result)
+        return result
+
+    def _evaluate(self) -> dict[str, float]:
         G = self.eval_generator
         if self.ema is not None and G is self.ema.module:
             self.ema.recalibrated(self.cfg)  # same seed on every rank; then rank 0's buffers win anyway
@@ -295,6 +347,20 @@ class Trainer:
             if self.s.is_main:
                 self.ckpt.save_best(state)
         return result
+
+    # ---- callbacks --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """End the run after the current step, with a final checkpoint (see `Callback`)."""
+        self.stop_requested = True
+
+    def fire(self, hook: str, *args: Any) -> list[Any]:
+        """Call `hook(self, *args)` on every callback that has it, in order; their return values."""
+        return [getattr(cb, hook)(self, *args) for cb in self.callbacks if hasattr(cb, hook)]
+
+    def _fire_stoppable(self, hook: str, *args: Any) -> None:
+        if any(r is True for r in self.fire(hook, *args)):
+            self.request_stop()
 
     def _buffered_modules(self) -> list[torch.nn.Module]:
         mods = [self.s.g_module, self.s.d_module]
@@ -500,20 +566,35 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def train(cfg: Config, strategy: Strategy | None = None, **kwargs: Any) -> TrainResult:
-    """Build a Trainer for `cfg` and run it to `train.steps`, always closing the strategy (and with it
-    the process group), also when building the Trainer fails."""
+def train(cfg: Config, strategy: Strategy | None = None, *, callbacks: Sequence[Any] = (),
+          **kwargs: Any) -> TrainResult:
+    """The one lifecycle of a run, for `rgan train`, the sweep's trials and tests: build a Trainer for `cfg`,
+    fire `on_start`, run it to `train.steps`, fire `on_end`, log the final and best checkpoints, then close
+    the tracker and the strategy (with it the process group), given or not, also when building fails.
+
+    The tracker's status: FINISHED, KILLED (Ctrl-C/SIGTERM), or FAILED; a `SystemExit(0)` raised inside
+    the run (Tune's `report` ending a stopped trial) is the host ending it on purpose: FINISHED."""
     s = strategy or make_strategy(cfg)
     trainer: Trainer | None = None
     status = "FAILED"
     try:
-        trainer = Trainer(cfg, strategy=s, **kwargs)
-        result = trainer.fit()
+        trainer = Trainer(cfg, strategy=s, callbacks=callbacks, **kwargs)
+        trainer.fire("on_start")
+        try:
+            result = trainer.fit()
+        except BaseException as e:
+            trainer.fire("on_end", None, e)
+            raise
+        trainer.fire("on_end", result, None)
         status = "KILLED" if result.interrupted else "FINISHED"
         if result.checkpoint is not None:
             trainer.tracker.log_checkpoint(result.checkpoint, "final")
         trainer.tracker.log_checkpoint(trainer.ckpt.dir / "best.pt", "best")
         return result
+    except SystemExit as e:
+        if e.code in (0, None):
+            status = "FINISHED"
+        raise
     finally:
         if trainer is not None:
             trainer.tracker.close(status)

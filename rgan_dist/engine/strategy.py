@@ -137,6 +137,19 @@ class Strategy:
         """Drop the phase's gradients without stepping (a skipped, non-finite step)."""
         self.opt[phase].zero_grad(set_to_none=True)
 
+    def set_hparams(self, phase: Phase, *, lr: float | None = None, betas: tuple[float, float] | None = None) -> None:
+        """Set the phase's optimizer learning rate and/or Adam betas from now on (None: keep).
+
+        For PBT: a trial restarted from another trial's checkpoint carries that trial's values in the
+        optimizer state, and its own must win. Every strategy steps the same torch Adam (DeepSpeed's
+        engines wrap it as a client optimizer, and ZeRO's wrapper exposes the same `param_groups`), so
+        setting the groups here is enough everywhere."""
+        for group in self.opt[phase].param_groups:
+            if lr is not None:
+                group["lr"] = lr
+            if betas is not None:
+                group["betas"] = tuple(betas)
+
     @contextlib.contextmanager
     def frozen_d(self) -> Iterator[None]:
         """D's parameters take no gradient during the G step, so nothing from it leaks into D's update."""
