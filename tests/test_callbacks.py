@@ -8,8 +8,9 @@ import pytest
 
 from rgan_dist.checkpoint import CheckpointManager
 from rgan_dist.config import load_config
-from rgan_dist.engine.loop import Callback, TrainingDiverged, train
-from rgan_dist.engine.strategy import make_strategy
+from rgan_dist.engine import make_strategy
+from rgan_dist.engine.hooks import Callback
+from rgan_dist.engine.loop import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"

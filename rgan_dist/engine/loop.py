@@ -7,13 +7,9 @@ below; the formulas themselves live in `rgan_dist.losses`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import math
 import random
-import shutil
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +20,13 @@ import numpy as np
 import torch
 
 from rgan_dist import losses
-from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, CheckpointManager, load_checkpoint, previous_run, set_aside
-from rgan_dist.config import Config, dump_config
+from rgan_dist.checkpoint import CheckpointManager
+from rgan_dist.config import Config
 from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
-from rgan_dist.engine.strategy import Strategy, make_strategy
-from rgan_dist.errors import UsageError
+from rgan_dist.engine import make_strategy, state
+from rgan_dist.engine.hooks import Callback, StopRequest, progress_bar
+from rgan_dist.engine.strategy import Strategy
 from rgan_dist.metrics.evaluator import make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.samples import save_grid
@@ -38,40 +35,6 @@ from rgan_dist.tracking import Tracker, make_tracker, run_tags
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps: the run cannot recover by skipping."""
-
-
-class Callback:
-    """Hooks a caller adds to a run without subclassing the Trainer (the sweep's trial reports each evaluation
-    to Tune, injects its test fault, sets PBT's hyperparameters). Every method is optional: an object with
-    any subset of them works, and this class is a no-op base to subclass for convenience.
-
-    - `on_start(trainer)`: fired by `train()` once the Trainer is built (models placed, checkpoint resumed,
-      so `trainer.step` is the resumed step), before the first step.
-    - `on_step_end(trainer, step, metrics)`: after every outer step, once the step's metrics were logged.
-      `metrics` is the logged dict (floats, averaged over ranks) on a logging step (`train.log_every`) and
-      `{}` on the others, so a callback never forces a host sync the loop would not make anyway. Fired
-      before the step's samples, evaluation and checkpoint.
-    - `on_eval(trainer, step, results)`: after each evaluation (`Trainer.evaluate`, in the loop or called
-      directly), once its results were logged and best.pt saved.
-    - `on_end(trainer, result, error)`: fired by `train()` after `fit()` returned (`error` None) or raised
-      (`result` None), while the strategy and tracker are still open (a collective such as
-      `trainer.save_checkpoint()` is allowed: every rank is there, also after `TrainingDiverged`, which
-      the ranks raise at the same step).
-
-    Stopping. `on_step_end` and `on_eval` may return True, or call `trainer.request_stop()`: the loop
-    finishes the current step (samples, evaluation, checkpoint), saves the final checkpoint and returns
-    with `TrainResult.stopped` set (not `interrupted`: nothing went wrong). Under several ranks the
-    request is agreed in the loop's one per-step `any_rank`, so a request on any rank stops every rank
-    after the same step. A callback may also raise: Tune's `report` ends a stopped trial with
-    `SystemExit(0)`, which `train()` closes as a finished run."""
-
-    def on_start(self, trainer: Trainer) -> None: ...
-
-    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> bool | None: ...
-
-    def on_eval(self, trainer: Trainer, step: int, results: dict[str, float]) -> bool | None: ...
-
-    def on_end(self, trainer: Trainer, result: TrainResult | None, error: BaseException | None) -> None: ...
 
 
 class Evaluator(Protocol):
@@ -104,31 +67,29 @@ class Trainer:
     """Holds the run's state (models via the strategy, EMA, data stream, counters) and steps it."""
 
     def __init__(self, cfg: Config, strategy: Strategy | None = None, tracker: Tracker | None = None,
-                 evaluator: Evaluator | None = None, callbacks: Sequence[Any] = ()) -> None:
+                 evaluator: Evaluator | None = None, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.stop_requested = False
-        self.s = strategy or make_strategy(cfg)
+        self.strategy = strategy or make_strategy(cfg)
         # Every rank builds the same models, then seeds its own stream: DeepSpeed broadcasts parameters but
         # not buffers, and spectral norm's u/v drawn from seed + rank differed between ranks for ~30 steps.
         seed_everything(cfg.train.seed)
         m = cfg.model
-        G, D = build_models(m.arch, resolution=m.resolution, z_dim=m.z_dim, width=m.width,
-                            max_width=m.max_width, channels=m.channels, spectral_norm=m.spectral_norm,
-                            g_batch_norm=m.g_batch_norm, d_batch_norm=m.d_batch_norm, pack=m.pack)
-        seed_everything(cfg.train.seed + self.s.rank)
+        G, D = build_models(m)
+        seed_everything(cfg.train.seed + self.strategy.rank)
         self.model_summary = describe(G, D)
-        self.s.prepare(G, D)
-        self.ema = EMA(self.s.g_module, cfg.train.ema) if cfg.train.ema > 0 else None
+        self.strategy.prepare(G, D)
+        self.ema = EMA(self.strategy.G, cfg.train.ema) if cfg.train.ema > 0 else None
         # Noise, penalty interpolation and flips draw from one per-rank generator on the device, so the
         # whole stream of randomness is a single state to checkpoint (exact resume).
-        self.gen = torch.Generator(self.s.device).manual_seed(cfg.train.seed * 7919 + self.s.rank)
+        self.gen = torch.Generator(self.strategy.device).manual_seed(cfg.train.seed * 7919 + self.strategy.rank)
         self.fixed_z = torch.randn(cfg.train.sample_grid**2, m.z_dim,
-                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(self.s.device)
+                                   generator=torch.Generator().manual_seed(cfg.train.seed)).to(self.strategy.device)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
         self._grad_norms: dict[str, torch.Tensor] = {}
         self._want_grad_norms = False
-        for phase, opt in self.s.opt.items():
+        for phase, opt in self.strategy.opt.items():
             # Only plain torch optimizers see whole, synchronised gradients (DeepSpeed ZeRO's see a shard).
             if isinstance(opt, torch.optim.Optimizer):
                 opt.register_step_pre_hook(functools.partial(self._record_grad_norm, phase))
@@ -138,16 +99,16 @@ class Trainer:
         self.bad_in_a_row = {"d": 0, "g": 0}
         self.best_fid = math.inf
         self.samples: list[Path] = []
-        self._claim_run_folder(tracker_given=tracker is not None)
-        data_state = self._maybe_resume()
-        self.data: BatchIterator = make_batches(cfg, rank=self.s.rank, world_size=self.s.world_size,
-                                                device=self.s.device, state=data_state)
+        state.claim_run_folder(self, tracker_given=tracker is not None)
+        data_state = state.resume(self)
+        self.data: BatchIterator = make_batches(cfg, rank=self.strategy.rank, world_size=self.strategy.world_size,
+                                                device=self.strategy.device, state=data_state)
         # Last, so a run that fails to start leaves no open MLflow run; the evaluator first, so a missing
         # Inception network fails before a run is created.
-        self.evaluator = evaluator if evaluator is not None else make_evaluator(cfg, self.s)
-        self.tracker = tracker if tracker is not None else make_tracker(cfg, self.s.is_main, tags=run_tags(
-            cfg, strategy=self.s.name, world_size=self.s.world_size, device=self.s.device,
-            extra={"rgan.model": self.model_summary}) if self.s.is_main else None)
+        self.evaluator = evaluator if evaluator is not None else make_evaluator(cfg, self.strategy)
+        self.tracker = tracker if tracker is not None else make_tracker(cfg, self.strategy.is_main, tags=run_tags(
+            cfg, strategy=self.strategy.name, world_size=self.strategy.world_size, device=self.strategy.device,
+            extra={"rgan.model": self.model_summary}) if self.strategy.is_main else None)
         if getattr(self.evaluator, "tracker", False) is None:  # an evaluator that logs, not yet told where
             self.evaluator.tracker = self.tracker
 
@@ -155,23 +116,23 @@ class Trainer:
 
     def _reals(self) -> torch.Tensor:
         t = self.cfg.train
-        real = to_model_input(next(self.data), self.s.device, channels_last=t.channels_last,
+        real = to_model_input(next(self.data), self.strategy.device, channels_last=t.channels_last,
                               flip=t.flip, generator=self.gen)
         self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
         return real
 
     def _z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.cfg.model.z_dim, device=self.s.device, generator=self.gen)
+        return torch.randn(n, self.cfg.model.z_dim, device=self.strategy.device, generator=self.gen)
 
     def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg, s = self.cfg, self.s
+        cfg, s = self.cfg, self.strategy
         with torch.no_grad(), s.autocast():
-            fake = s.g(self._z(real.shape[0]))
+            fake = s.run_G(self._z(real.shape[0]))
         with s.autocast():
-            c_real, c_fake = s.d(real), s.d(fake)
+            c_real, c_fake = s.run_D(real), s.run_D(fake)
             loss = losses.d_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         # The penalty is part of the same loss so there is exactly one backward per D step.
-        pen = losses.penalty(cfg.loss.penalty, s.d_penalty, real, fake, cfg.loss.penalty_weight,
+        pen = losses.penalty(cfg.loss.penalty, s.run_D_for_penalty, real, fake, cfg.loss.penalty_weight,
                              generator=self.gen, grad_scale=s.grad_scale("d"))
         total = loss + pen
         stepped = self._guarded_step("d", total)
@@ -179,11 +140,11 @@ class Trainer:
                 "d_fake": c_fake.detach().float().mean(), "d_stepped": torch.tensor(float(stepped), device=s.device)}
 
     def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg, s = self.cfg, self.s
+        cfg, s = self.cfg, self.strategy
         with s.frozen_d(), s.autocast():
-            c_fake = s.d_frozen(s.g(self._z(real.shape[0])))
+            c_fake = s.run_D_frozen(s.run_G(self._z(real.shape[0])))
             # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
-            c_real = s.d_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
+            c_real = s.run_D_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
             loss = losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
         stepped = self._guarded_step("g", loss)
         return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
@@ -193,11 +154,11 @@ class Trainer:
 
         Consecutive failures are counted per phase: a D that is always NaN between healthy G steps
         is still a diverged run."""
-        if self.s.all_finite(loss):
-            self.s.backward_step(phase, loss)
+        if self.strategy.all_finite(loss):
+            self.strategy.backward_step(phase, loss)
             self.bad_in_a_row[phase] = 0
             return True
-        self.s.zero_grad(phase)
+        self.strategy.zero_grad(phase)
         self.bad_steps_total += 1
         self.bad_in_a_row[phase] += 1
         if self.bad_in_a_row[phase] >= self.cfg.train.max_bad_steps:
@@ -227,22 +188,22 @@ class Trainer:
             real = self._reals()
         out.update(self.g_step(real))
         if self.ema is not None:
-            self.ema.update(self.s.g_module)
+            self.ema.update(self.strategy.G)
         self.step += 1
         return out
 
     # ---- the run --------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        cfg, s = self.cfg, self.s
+        cfg, s = self.cfg, self.strategy
         t = cfg.train
         if s.is_main:
             print(f"rgan: {self.model_summary}; loss {cfg.loss.name} + penalty {cfg.loss.penalty}; "
                   f"strategy {s.name} x{s.world_size} on {s.device}; precision {t.precision}", flush=True)
             print(f"rgan: outputs in {cfg.out_dir}, checkpoints in {cfg.checkpoint_dir}", flush=True)
-        progress = _progress(t.steps, self.step, enabled=s.is_main and t.progress)
+        progress = progress_bar(t.steps, self.step, enabled=s.is_main and t.progress)
         interrupted = False
-        stop = _StopRequest(distributed=s.world_size > 1)
+        stop = StopRequest(distributed=s.world_size > 1)
         window_start, window_reals = time.perf_counter(), self.reals_drawn
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -308,17 +269,17 @@ class Trainer:
 
     @property
     def eval_generator(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None and self.cfg.eval.use_ema else self.s.g_module
+        return self.ema.module if self.ema is not None and self.cfg.eval.use_ema else self.strategy.G
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        if not self.s.is_main:
+        if not self.strategy.is_main:
             return None
         # the EMA copy's BatchNorm statistics are recomputed for its own weights first (rgan_dist.ema)
-        G = self.ema.recalibrated(self.cfg) if self.ema is not None else self.s.g_module
+        G = self.ema.recalibrated(self.cfg) if self.ema is not None else self.strategy.G
         was_training = G.training
         G.eval()
-        with self.s.autocast():
+        with self.strategy.autocast():
             images = G(self.fixed_z)
         G.train(was_training)
         path = save_grid(images, self.cfg.out_dir / "samples" / f"step_{self.step:07d}.png",
@@ -336,16 +297,16 @@ class Trainer:
         G = self.eval_generator
         if self.ema is not None and G is self.ema.module:
             self.ema.recalibrated(self.cfg)  # same seed on every rank; then rank 0's buffers win anyway
-        self.s.sync_buffers(self._buffered_modules())
+        self.strategy.sync_buffers(self.buffered_modules())
         result = self.evaluator(self.step, G)
         if result:  # with the protocol the value was computed under, when the evaluator says it
             self.tracker.log_metrics(result, self.step, context=getattr(self.evaluator, "protocol", None))
         fid = result.get("fid")
         if fid is not None and fid < self.best_fid:
             self.best_fid = fid
-            state = self.state_dict()
-            if self.s.is_main:
-                self.ckpt.save_best(state)
+            best = self.state_dict()
+            if self.strategy.is_main:
+                self.ckpt.save_best(best)
         return result
 
     # ---- callbacks --------------------------------------------------------------------------------
@@ -362,211 +323,19 @@ class Trainer:
         if any(r is True for r in self.fire(hook, *args)):
             self.request_stop()
 
-    def _buffered_modules(self) -> list[torch.nn.Module]:
-        mods = [self.s.g_module, self.s.d_module]
+    def buffered_modules(self) -> list[torch.nn.Module]:
+        mods = [self.strategy.G, self.strategy.D]
         return mods + [self.ema.module] if self.ema is not None else mods
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's view of the run. Not a collective (best.pt calls it on rank 0 alone); the
-        per-rank parts of every rank are gathered by `save_checkpoint`."""
-        return {
-            "format": "rgan-dist/1",
-            "step": self.step,
-            "config": dump_config(self.cfg),
-            "model": self.s.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": self._rng_state(),
-            "data": self.data.state(),
-            "world_size": self.s.world_size,
-            "bad_steps": self.bad_steps_total,
-            "best_fid": self.best_fid,
-        }
-
-    def _rng_state(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
-                "cuda": torch.cuda.get_rng_state() if self.s.device.type == "cuda" else None,
-                "python": random.getstate(),
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-
-    def _set_rng_state(self, rng: dict[str, Any]) -> None:
-        torch.set_rng_state(rng["torch"])
-        self.gen.set_state(rng["gen"])
-        if rng.get("cuda") is not None and self.s.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        if rng.get("python") is not None:
-            random.setstate(rng["python"])
-        if rng.get("numpy") is not None:
-            name, key, *rest = rng["numpy"]
-            np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
-
-    def _fingerprints(self) -> dict[str, str]:
-        """Hashes of this rank's G, D and EMA parameters and buffers: equal on every rank, or the ranks
-        diverged. BatchNorm's running statistics are left out: they are per rank by design until
-        `sync_buffers`, which runs after this (it would hide a divergence of the other buffers, e.g.
-        spectral norm's u/v, which must agree at every step)."""
-        modules = {"G": self.s.g_module, "D": self.s.d_module}
-        if self.ema is not None:
-            modules["EMA"] = self.ema.module
-        out = {}
-        for name, module in modules.items():
-            h = hashlib.sha256()
-            buffers = [b for sub in module.modules() if not isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
-                       for b in sub.buffers(recurse=False)]
-            for t in [*module.parameters(), *buffers]:
-                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            out[name] = h.hexdigest()
-        return out
+        return state.state_dict(self)
 
     def save_checkpoint(self) -> Path | None:
-        """Collective: every rank calls it at the same step. Rank 0 writes one file holding every rank's
-        RNG state and data position; sharded strategies first write their parts into the step's folder."""
-        s = self.s
-        fingerprint = self._fingerprints()
-        s.sync_buffers(self._buffered_modules())
-        state = self.state_dict()
-        ranks = s.all_gather_object({"rng": state["rng"], "data": state["data"], "fingerprint": fingerprint})
-        sidecar = self.ckpt.sidecar(self.step)
-        if s.is_main and sidecar.exists():  # left by a job killed while saving this very step
-            shutil.rmtree(sidecar)
-        s.barrier()
-        if s.save_sharded(sidecar):
-            state["sharded"] = sidecar.name
-        s.barrier()  # every rank's part is on disk before the file that makes the checkpoint count
-        path = None
-        if s.is_main:
-            if any(r["fingerprint"] != ranks[0]["fingerprint"] for r in ranks):
-                raise RuntimeError(f"ranks diverged at step {self.step}: parameter/buffer hashes differ "
-                                   f"({[r['fingerprint'] for r in ranks]}); not writing a checkpoint")
-            state["ranks"] = ranks
-            path = self.ckpt.save(self.step, state, before_commit=lambda: s.fault_point("save", self.step))
-        s.barrier()
-        return path
-
-    def _claim_run_folder(self, tracker_given: bool) -> None:
-        """A run folder belongs to one run: a fresh run (checkpoint.resume '') never writes beside another
-        run's checkpoints or into its metrics.jsonl. It refuses, or with checkpoint.overwrite moves the old
-        files aside (`set_aside`; never deleted). Collective, like `_resolve_resume`: what any rank sees
-        decides for all, so every rank raises or none does; rank 0 alone moves, then a barrier. A tracker
-        the caller made (the sweep's) has already written this run's config.yaml/mlflow_run.json: kept."""
-        cfg = self.cfg
-        if cfg.checkpoint.resume:
-            return
-        mine = [str(p) for p in previous_run(cfg.out_dir, cfg.checkpoint_dir)]
-        old = sorted({p for seen in self.s.all_gather_object(mine) for p in seen})
-        if not old:
-            return
-        if not cfg.checkpoint.overwrite:
-            latest = self.ckpt.latest()
-            what = f"checkpoints up to {latest.name}" if latest is not None else ", ".join(Path(p).name for p in old)
-            raise UsageError(f"{cfg.checkpoint_dir if latest is not None else cfg.out_dir} already holds another run "
-                             f"({what}): continue it with --resume auto, move it aside with --overwrite "
-                             f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or set another "
-                             f"run.out_dir")
-        if self.s.is_main:
-            moved = set_aside([Path(p) for p in old if Path(p).exists()], cfg.out_dir, cfg.checkpoint_dir,
-                              keep=TRACKER_FILES if tracker_given else ())
-            print(f"rgan: moved the previous run's files in this folder to {' and '.join(map(str, moved))}",
-                  flush=True)
-        self.s.barrier()
-
-    def _resolve_resume(self) -> Path | None:
-        """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
-        try:
-            found: Path | str | None = self.ckpt.resolve(self.cfg.checkpoint.resume)
-        except UsageError as e:
-            found = f"error: {e}"
-        seen = self.s.all_gather_object(str(found) if found is not None else None)
-        for item in seen:
-            if item is not None and item.startswith("error: "):
-                raise UsageError(item[len("error: "):])
-        if len(set(seen)) > 1:
-            raise UsageError(f"checkpoint.resume={self.cfg.checkpoint.resume!r}: ranks found different checkpoints "
-                             f"({sorted(set(map(str, seen)))}); checkpoint.dir must be storage every node shares")
-        return Path(seen[0]) if seen[0] is not None else None
-
-    def _maybe_resume(self) -> dict[str, Any] | None:
-        path = self._resolve_resume()
-        if path is None:
-            return None
-        state = load_checkpoint(path)
-        if state.get("format") != "rgan-dist/1":
-            raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
-        sharded = path.parent / state["sharded"] if state.get("sharded") else None
-        self.s.load_state_dict(state["model"], sharded=sharded)
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.step = int(state["step"])
-        self.bad_steps_total = int(state["bad_steps"])
-        self.best_fid = float(state["best_fid"])
-        ranks = state.get("ranks") or [{"rng": state["rng"], "data": state["data"]}]
-        if len(ranks) == self.s.world_size:
-            mine = ranks[self.s.rank]
-        else:
-            # The RNG and data split depend on the world size: the models and optimizers resume exactly,
-            # the noise and data order continue from a fresh per-rank seed instead.
-            if self.s.is_main:
-                print(f"rgan: warning: {path} was written by {len(ranks)} rank(s), this job has "
-                      f"{self.s.world_size}: resuming weights and optimizers; noise and data order restart "
-                      f"from seed+step", flush=True)
-            self.gen.manual_seed(self.cfg.train.seed * 7919 + self.s.rank + 104_729 * self.step)
-            mine = {"rng": None, "data": {"epoch": ranks[0]["data"].get("epoch", 0) + 1, "batch": 0}}
-        if mine["rng"] is not None:
-            self._set_rng_state(mine["rng"])
-        if self.s.is_main:
-            print(f"rgan: resumed from {path} at step {self.step}", flush=True)
-        return mine["data"]
+        """Collective: every rank calls it at the same step (`rgan_dist.engine.state.save_checkpoint`)."""
+        return state.save_checkpoint(self)
 
 
-class _StopRequest:
-    """SIGTERM (a scheduler's pre-emption notice) stops the loop like Ctrl-C: a final checkpoint is saved.
-
-    One process: the handler raises KeyboardInterrupt at once. Several ranks: the handlers (SIGTERM and
-    SIGINT) only set a flag that the loop all-reduces after each step, so every rank stops after the same
-    step and the final checkpoint's collectives line up (an exception in the middle of a collective
-    would leave the ranks in different places)."""
-
-    def __init__(self, distributed: bool) -> None:
-        self.enabled = distributed
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-        signals = (signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,)
-        for sig in signals:
-            # not the main thread (e.g. inside a Ray worker thread): leave signals alone
-            with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.enabled or self.requested:  # a second signal: stop now, without the agreed step
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            with contextlib.suppress(ValueError):
-                signal.signal(sig, handler)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kw: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def train(cfg: Config, strategy: Strategy | None = None, *, callbacks: Sequence[Any] = (),
+def train(cfg: Config, strategy: Strategy | None = None, *, callbacks: Sequence[Callback] = (),
           **kwargs: Any) -> TrainResult:
     """The one lifecycle of a run, for `rgan train`, the sweep's trials and tests: build a Trainer for `cfg`,
     fire `on_start`, run it to `train.steps`, fire `on_end`, log the final and best checkpoints, then close
