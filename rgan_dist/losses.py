@@ -28,7 +28,7 @@ Batch statistics across ranks. Ra and Rc losses compare each sample with a *refe
 m(r), m(f) or c, the mean over the batch of the other side's logits. Under DDP or DeepSpeed each rank
 sees B of the N*B samples; the loss functions get that statistic from a ``means`` callable (default
 `local_means`, this process's batch), which the strategy replaces with an all-reduce *with gradient*
-(`rgan_dist.engine.distributed`, ``loss.batch_stats=global``), so that N ranks x B optimise the same
+(`engine.strategy.DistributedStrategy.batch_means`, ``loss.batch_stats=global``), so that N ranks x B optimise the same
 objective as one process x N*B. Why only the reference statistic needs it, and not the outer mean of the
 per-sample loss terms (the mean of the BCEs, ``_m``): with L = mean over all N*B samples of l_i, and the
 rank-k mean L_k over its B samples, L = (1/N) sum_k L_k (B is the same on every rank); DDP and DeepSpeed

@@ -657,11 +657,7 @@ def _set_optimizer_hparams(trainer: Trainer) -> None:
     from another trial's checkpoint with new values, which must win."""
     t = trainer.cfg.train
     for phase, lr in (("g", t.lr_g), ("d", t.lr_d)):
-        opt = trainer.s.opt.get(phase)
-        for group in getattr(opt, "param_groups", []) or []:
-            group["lr"] = lr
-            if "betas" in group:
-                group["betas"] = tuple(t.betas)
+        trainer.strategy.set_hparams(phase, lr=lr, betas=tuple(t.betas))
 
 
 class TrialRun:
@@ -673,8 +669,8 @@ class TrialRun:
 
     def __init__(self, cfg: Config, setup: TrialSetup, trial_id: str, reporter: Reporter, describe: dict[str, str]
                  ) -> None:
+        from rgan_dist.engine import make_strategy
         from rgan_dist.engine.loop import Trainer
-        from rgan_dist.engine.strategy import make_strategy
         from rgan_dist.tracking import make_tracker, run_tags
 
         self.cfg, self.setup, self.trial_id, self.reporter = cfg, setup, trial_id, reporter
