@@ -338,7 +338,7 @@ def test_pbt_restarts_the_worse_trial_from_the_better_ones_checkpoint(ray_local,
 
 
 def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_address(capsys):
-    from rgan_dist.sweep import _cluster_uri
+    from rgan_dist.sweep.driver import _cluster_uri
 
     uri = _cluster_uri("http://localhost:5000")
     assert uri.startswith("http://") and uri.endswith(":5000") and "localhost" not in uri
