@@ -2,6 +2,7 @@
 
 A sweep file (`configs/sweeps/*.yaml`, format in `configs/sweeps/smoke.yaml`) names a base training
 config, fixed overrides, a search space over dotted config keys, a scheduler and per-trial resources.
+It is read by the training config's own machinery (`spec.py`): one config language, one kind of error.
 `run_sweep` turns it into one Ray Tune run:
 
 - Each trial is the same `Trainer` as `rgan train`, built from base + overrides + the trial's sampled
@@ -22,6 +23,9 @@ config, fixed overrides, a search space over dotted config keys, a scheduler and
 - At the end, a table of trials sorted by best FID is printed and written to `<out_dir>/results.md`
   (plus `.csv` and `.json`), with the paper's value beside each trial when the sweep names a paper table.
 
+Modules: `spec` (the file), `space` (search spaces, schedulers, trial names), `trial` (one trial),
+`parent` (the MLflow parent run), `results` (the table), `driver` (`run_sweep`).
+
 Paths in the base config (data, DeepSpeed JSON, Inception file) are made absolute on the driver, because
 Tune runs each trial in its own working directory and, on a cluster, on another machine.
 """
@@ -38,11 +42,12 @@ from rgan_dist.sweep.space import (
     trial_overrides,
     trial_run_name,
 )
-from rgan_dist.sweep.spec import Resources, SchedulerSpec, SweepSpec, find_file, load_sweep
+from rgan_dist.sweep.spec import ResourcesConfig, SchedulerConfig, SweepConfig, find_file, load_sweep
 from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, FaultOnce, Reporter, TrialRun, TrialSetup, trial_main
 
 __all__ = [
-    "SWEEP_FAULT_ENV", "FaultOnce", "ParentRun", "Reporter", "Resources", "SchedulerSpec", "SweepResult", "SweepSpec",
+    "SWEEP_FAULT_ENV", "FaultOnce", "ParentRun", "Reporter", "ResourcesConfig", "SchedulerConfig", "SweepConfig",
+    "SweepResult",
     "TrialRow", "TrialRun", "TrialSetup", "collect_rows", "describe_trial", "find_file", "load_sweep",
     "make_scheduler", "param_space", "planned_trials", "results_table", "run_sweep", "trial_index",
     "trial_main", "trial_overrides", "trial_run_name", "write_results",

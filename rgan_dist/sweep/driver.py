@@ -13,7 +13,7 @@ from rgan_dist.errors import UsageError
 from rgan_dist.sweep.parent import ParentRun
 from rgan_dist.sweep.results import TrialRow, collect_rows, write_results
 from rgan_dist.sweep.space import make_scheduler, param_space
-from rgan_dist.sweep.spec import SweepSpec
+from rgan_dist.sweep.spec import SweepConfig
 from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, TrialSetup, trial_main
 
 TRIAL_DRIVER_CPUS = 0.01  # the Tune function of a multi-worker trial only waits on its TorchTrainer
@@ -59,7 +59,7 @@ def _cluster_uri(uri: str) -> str:
     return uri
 
 
-def run_sweep(spec: SweepSpec, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False,
+def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False,
               verbose: int = 1) -> SweepResult:
     """Run (or, with `resume`, continue) the sweep and write its table. Uses the Ray instance this process
     is already connected to, else connects to `address` (`auto`: the cluster this node belongs to), else
@@ -94,7 +94,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, num_cpus: int | No
             print(f"rgan sweep: warning: MLflow at {uri} failed ({type(e).__name__}: {e}); trials still log to "
                   f"their metrics.jsonl", file=sys.stderr, flush=True)
     res = spec.resources
-    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(), out_dir=str(spec.out_dir), mlflow_uri=uri,
+    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(), out_dir=spec.out_dir, mlflow_uri=uri,
                        experiment=cfg.tracking.experiment, parent_run_id=parent.run_id if parent else None,
                        paper=spec.paper, workers=res.workers, cpus_per_worker=res.cpus_per_worker,
                        gpus_per_worker=res.gpus_per_worker, max_failures=spec.max_failures,
@@ -118,7 +118,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, num_cpus: int | No
                                         max_concurrent_trials=spec.max_concurrent_trials or None,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
-                name=spec.name if spec.storage else spec.out_dir.name, storage_path=spec.storage_path,
+                name=spec.name if spec.storage else spec.out_path.name, storage_path=spec.storage_path,
                 # A trial's last report ends it before any scheduler sees it (PBT would otherwise still
                 # exploit at the final step, and ASHA stops everything at max_t anyway).
                 stop={"step": cfg.train.steps},

@@ -11,7 +11,7 @@ from rgan_dist.config import dump_config
 
 if TYPE_CHECKING:
     from rgan_dist.sweep.results import TrialRow
-    from rgan_dist.sweep.spec import SweepSpec
+    from rgan_dist.sweep.spec import SweepConfig
 
 STATE_FILE = "sweep.json"
 
@@ -20,7 +20,7 @@ class ParentRun:
     """The sweep's MLflow run; trials nest under it (`mlflow.parentRunId`). Any MLflow failure here
     prints one warning and turns the parent off: the sweep itself must not depend on the tracking store."""
 
-    def __init__(self, spec: SweepSpec, uri: str, artifact_root: str | None, *, resume: bool) -> None:
+    def __init__(self, spec: SweepConfig, uri: str, artifact_root: str | None, *, resume: bool) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
@@ -30,7 +30,7 @@ class ParentRun:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = spec.base_config.tracking.experiment
-        self.state = spec.out_dir / STATE_FILE
+        self.state = spec.out_path / STATE_FILE
         self.experiment_id = exp_id = experiment_id(self.client, self.experiment, artifact_root)
         previous = self._previous() if resume else None
         if previous:
@@ -52,11 +52,11 @@ class ParentRun:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
                                   synchronous=True)
             self.client.log_artifact(self.run_id, str(spec.path))
-            spec.out_dir.mkdir(parents=True, exist_ok=True)
-            base = spec.out_dir / "base_config.yaml"
+            spec.out_path.mkdir(parents=True, exist_ok=True)
+            base = spec.out_path / "base_config.yaml"
             base.write_text(dump_config(spec.base_config))
             self.client.log_artifact(self.run_id, str(base))
-        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        spec.out_path.mkdir(parents=True, exist_ok=True)
         self.state.write_text(json.dumps({"tracking_uri": uri, "parent_run_id": self.run_id,
                                           "experiment_id": exp_id}) + "\n")
         print(f"rgan sweep: MLflow parent run {self.run_id} in experiment {self.experiment!r} ({uri})", flush=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from rgan_dist.sweep.space import describe_trial, trial_overrides, trial_run_name
 
 if TYPE_CHECKING:
-    from rgan_dist.sweep.spec import SweepSpec
+    from rgan_dist.sweep.spec import SweepConfig
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _num(v: Any) -> float | None:
     return f if not math.isnan(f) else None
 
 
-def collect_rows(results: Any, spec: SweepSpec) -> list[TrialRow]:
+def collect_rows(results: Any, spec: SweepConfig) -> list[TrialRow]:
     """One row per trial of a Tune ResultGrid, best FID first (trials without an FID last)."""
     from rgan_dist.paper_reference import paper_fid
 
@@ -102,7 +102,7 @@ def results_table(rows: list[TrialRow], keys: list[str], paper: str = "") -> str
     return "\n".join(lines)
 
 
-def write_results(rows: list[TrialRow], spec: SweepSpec) -> tuple[str, list[Path]]:
+def write_results(rows: list[TrialRow], spec: SweepConfig) -> tuple[str, list[Path]]:
     """results.md (the table, and the paper beside it when the sweep names a table), results.csv, results.json."""
     keys = spec.varied_keys
     table = results_table(rows, keys, spec.paper)
@@ -119,8 +119,8 @@ def write_results(rows: list[TrialRow], spec: SweepSpec) -> tuple[str, list[Path
                  "trial stopped early has none.", "",
                  beside_paper(((r.name, {**base_flat, **r.overrides}, r.final_fid if r.outcome == "completed" else None)
                                for r in rows), spec.paper)]
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    md = spec.out_dir / "results.md"
+    spec.out_path.mkdir(parents=True, exist_ok=True)
+    md = spec.out_path / "results.md"
     md.write_text("\n".join(text) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -129,8 +129,8 @@ def write_results(rows: list[TrialRow], spec: SweepSpec) -> tuple[str, list[Path
     for r in rows:
         writer.writerow([r.rank, r.trial_id, r.name, *(r.params.get(k, "") for k in keys), r.best_fid, r.final_fid,
                          r.step, r.outcome, r.restored_from_step, r.mlflow_run_id, r.paper_fid, r.error])
-    csv_path = spec.out_dir / "results.csv"
+    csv_path = spec.out_path / "results.csv"
     csv_path.write_text(buf.getvalue())
-    js = spec.out_dir / "results.json"
+    js = spec.out_path / "results.json"
     js.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str) + "\n")
     return table, [md, csv_path, js]

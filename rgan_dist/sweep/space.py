@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from rgan_dist.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rgan_dist.sweep.spec import SweepSpec
+    from rgan_dist.sweep.spec import SweepConfig
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "lograndint")
 GROUP_LABEL = "label"  # inside a group's mapping: a display name, not a config key
@@ -81,11 +81,11 @@ def _domain(kind: str, values: Any) -> Any:
     return tune.lograndint(int(values[0]), int(values[1]))
 
 
-def param_space(spec: SweepSpec) -> dict[str, Any]:
+def param_space(spec: SweepConfig) -> dict[str, Any]:
     return {key: _domain(*_distribution(value, key)) for key, value in spec.space.items()}
 
 
-def planned_trials(spec: SweepSpec) -> list[dict[str, Any]]:
+def planned_trials(spec: SweepConfig) -> list[dict[str, Any]]:
     """The trials the grid makes (per `num_samples` repeat), in Tune's order (the first grid key varies
     fastest), each as a Tune config; a non-grid entry stays its distribution and is drawn per trial."""
     grid_keys = [k for k, v in spec.space.items() if _distribution(v, k)[0] == "grid"]
@@ -98,7 +98,7 @@ def planned_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     return out
 
 
-def make_scheduler(spec: SweepSpec) -> Any:
+def make_scheduler(spec: SweepConfig) -> Any:
     """The Tune scheduler; its time axis is our `step` (generator steps), reported with every FID."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 

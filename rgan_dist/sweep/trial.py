@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from rgan_dist.config import Config, config_from_dict
 from rgan_dist.errors import UsageError
 from rgan_dist.sweep.space import describe_trial, trial_index, trial_overrides, trial_run_name
-from rgan_dist.sweep.spec import _apply
 
 if TYPE_CHECKING:
     from rgan_dist.engine.loop import Trainer
@@ -61,7 +60,7 @@ class TrialSetup:
             "tracking.mlflow_uri": self.mlflow_uri,
             "tracking.experiment": self.experiment or self.base["tracking"]["experiment"],
         }
-        return config_from_dict(_apply(self.base, {**overrides, **plumbing}), where=f"trial {trial_id}")
+        return config_from_dict(self.base, where=f"trial {trial_id}", values={**overrides, **plumbing})
 
 
 class FaultOnce:
