@@ -46,7 +46,7 @@ def fit_seconds(cfg, evaluator=None) -> tuple[float, Trainer]:
         trainer.train_step()
     trainer.step = 0
     result = trainer.fit()
-    trainer.s.close()
+    trainer.strategy.close()
     return result.loop_seconds, trainer
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     step_s = plain_s / a.steps
 
     # 2. one evaluation, as the loop runs it; the reference statistics first (one-off, cached)
-    ev = FidEvaluator(base, device=trainer.s.device, progress=False)
+    ev = FidEvaluator(base, device=trainer.strategy.device, progress=False)
     t0 = time.perf_counter()
     ev._setup()
     reference_s = time.perf_counter() - t0
@@ -94,7 +94,7 @@ def main() -> None:
     G.eval()
     t0 = time.perf_counter()
     gen = generator_stats(sample_fn(G, m.z_dim), e.num_samples, e.batch_size, network=ev.net,
-                          device=trainer.s.device, seed=base.train.seed + EVAL_SEED_OFFSET, keep_features=e.kid)
+                          device=trainer.strategy.device, seed=base.train.seed + EVAL_SEED_OFFSET, keep_features=e.kid)
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compare_on_rank0(gen, ev.reference)
@@ -104,7 +104,7 @@ def main() -> None:
     with_eval = copy.deepcopy(base)
     with_eval.eval.every = a.every
     with_eval.run.out_dir = f"{out}/run-eval"
-    ev2 = FidEvaluator(with_eval, device=trainer.s.device, progress=False)
+    ev2 = FidEvaluator(with_eval, device=trainer.strategy.device, progress=False)
     ev2.net, ev2.reference = ev.net, ev.reference
     evaluated_s, _ = fit_seconds(with_eval, ev2)
     n_evals = a.steps // a.every
@@ -112,7 +112,7 @@ def main() -> None:
     predicted_fraction = n_evals * eval_s / (a.steps * step_s + n_evals * eval_s)
 
     figures = {
-        "device": str(trainer.s.device), "cpu": platform.processor() or platform.machine(),
+        "device": str(trainer.strategy.device), "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "load_avg_1m_start": load_start,
         "load_avg_1m_end": os.getloadavg()[0],
         "model": trainer.model_summary, "batch_size": base.train.batch_size, "num_samples": e.num_samples,

@@ -35,7 +35,7 @@ def ours(cfg, steps: int) -> float:
         trainer.train_step()
     trainer.step = 0
     result = trainer.fit()  # loop_seconds excludes the final checkpoint/sample write
-    trainer.s.close()
+    trainer.strategy.close()
     return result.loop_seconds / steps
 
 

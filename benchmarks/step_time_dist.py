@@ -36,8 +36,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from rgan_dist.config import load_config
+    from rgan_dist.engine import make_strategy
     from rgan_dist.engine.loop import Trainer
-    from rgan_dist.engine.strategy import make_strategy
 
     out = tempfile.mkdtemp(prefix="rgan-bench-dist-")
     overrides = [

@@ -396,8 +396,8 @@ def run_one(spec: RunSpec, tracking_uri: str | None) -> dict[str, Any]:
         with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
             torch.set_num_interop_threads(spec.threads)
     from rgan_dist.config import load_config
+    from rgan_dist.engine import make_strategy
     from rgan_dist.engine.loop import Trainer, TrainingDiverged
-    from rgan_dist.engine.strategy import make_strategy
     from rgan_dist.tracking import make_tracker, run_tags
 
     overrides = list(spec.overrides)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -78,6 +77,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     from rgan_dist.checkpoint import load_checkpoint
     from rgan_dist.config import config_from_dict
     from rgan_dist.ema import recalibrate_for
+    from rgan_dist.engine.distributed import start
     from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, evaluate_generator, reference_stats
     from rgan_dist.metrics.inception import load_inception
     from rgan_dist.models import build_models
@@ -103,44 +103,31 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     seed = args.seed if args.seed is not None else cfg.train.seed + EVAL_SEED_OFFSET
     progress = not args.no_progress
 
-    strategy = _process_group(cfg)
+    # Under torchrun every rank embeds its share of the samples; one process otherwise.
+    process = start(cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     try:
         m = cfg.model
-        G, _ = build_models(m.arch, resolution=m.resolution, z_dim=m.z_dim, width=m.width, max_width=m.max_width,
-                            channels=m.channels, spectral_norm=m.spectral_norm, g_batch_norm=m.g_batch_norm,
-                            d_batch_norm=m.d_batch_norm, pack=m.pack)
+        G, _ = build_models(m)
         ema = state.get("ema")
         use_ema = ema is not None and not args.no_ema
         G.load_state_dict(ema["module"] if use_ema else state["model"]["G"])
-        G.to(strategy.device)
+        G.to(process.device)
         if use_ema:  # its saved BatchNorm statistics may be the live G's: recompute them as the run did
             recalibrate_for(G, cfg)
-        net = load_inception(args.inception or e.inception or None, device=strategy.device)
+        net = load_inception(args.inception or e.inception or None, device=process.device)
         ref = reference_stats(data, net, resolution=m.resolution, num_samples=n_ref, batch_size=batch,
                               keep_features=kid, progress=progress)
         result = evaluate_generator(G, net, ref, num_samples=n, z_dim=m.z_dim, seed=seed, batch_size=batch,
                                     kid=kid, progress=progress, g_mode=args.g_mode or e.g_mode, ema=use_ema)
-        if strategy.rank != 0:
+        if process.rank != 0:
             return None
         result.pop("fid_info", None)
         result.update(checkpoint=str(path), step=int(state.get("step", 0)), ema=use_ema, seed=seed, data=data,
                       batch_size=batch, reference_path=ref.meta.get("cache"), network_known_as=net.info.known_as,
-                      network_convention=net.info.convention, world_size=strategy.world_size)
+                      network_convention=net.info.convention, world_size=process.world_size)
         return result
     finally:
-        strategy.close()
-
-
-def _process_group(cfg: Any) -> Any:
-    """Under torchrun, the distributed strategy's process group (every rank embeds its share of the
-    samples); else the one-process strategy. Only its rank, world_size, device and close() are used."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from rgan_dist.engine.distributed import DistributedStrategy
-
-        return DistributedStrategy(cfg)
-    from rgan_dist.engine.strategy import Strategy
-
-    return Strategy(cfg)
+        process.close()
 
 
 def main(argv: list[str] | None = None) -> int:

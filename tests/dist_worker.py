@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 from rgan_dist import losses  # noqa: E402
 from rgan_dist.config import load_config  # noqa: E402
 from rgan_dist.data import load_digits_uint8, to_model_input  # noqa: E402
+from rgan_dist.engine import make_strategy  # noqa: E402
 from rgan_dist.engine.loop import Trainer  # noqa: E402
-from rgan_dist.engine.strategy import make_strategy  # noqa: E402
+from rgan_dist.engine.state import fingerprints  # noqa: E402
 
 TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.progress=false",
         "tracking.enabled=false", "model.channels=1"]
@@ -39,8 +40,8 @@ TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.progres
 
 def _d_step_on(t: Trainer, real: torch.Tensor, fake: torch.Tensor) -> None:
     """One D update on fixed inputs, through the strategy's D path (forward, one backward, step)."""
-    s = t.s
-    loss = losses.d_loss(t.cfg.loss.name, s.d(real), s.d(fake))
+    s = t.strategy
+    loss = losses.d_loss(t.cfg.loss.name, s.run_D(real), s.run_D(fake))
     s.backward_step("d", loss)
 
 
@@ -58,23 +59,23 @@ def leak(out: Path) -> None:
         fake = torch.randn(real.shape, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
         # A: G step (D frozen, as the loop does), then D's update on fixed inputs.
         a.g_step(real)
-        no_grad_on_d = all(p.grad is None for p in a.s.d_module.parameters())
+        no_grad_on_d = all(p.grad is None for p in a.strategy.D.parameters())
         _d_step_on(a, real, fake)
         # B: the same D update with no G step before it.
         _d_step_on(b, real, fake)
         # C, the control: a G step with D left trainable, i.e. what a missing freeze would do.
         # ZeRO-2 notices the stray gradient itself (it refuses to reduce a gradient twice); the others
         # silently fold it into D's update, which the comparison with B shows.
-        c.s.frozen_d = contextlib.nullcontext  # type: ignore[method-assign]
+        c.strategy.frozen_d = contextlib.nullcontext  # type: ignore[method-assign]
         c.g_step(real)
-        control_grad_on_d = any(p.grad is not None for p in c.s.d_module.parameters())
+        control_grad_on_d = any(p.grad is not None for p in c.strategy.D.parameters())
         try:
             _d_step_on(c, real, fake)
             control = "differs" if any(not torch.equal(x, y) for x, y in zip(
-                c.s.d_module.parameters(), b.s.d_module.parameters(), strict=True)) else "equal"
+                c.strategy.D.parameters(), b.strategy.D.parameters(), strict=True)) else "equal"
         except AssertionError as e:
             control = f"raised: {str(e).split(chr(10))[0][:80]}"
-        da, db = (list(x.s.d_module.parameters()) for x in (a, b))
+        da, db = (list(x.strategy.D.parameters()) for x in (a, b))
         results.append({
             "stage": stage, "precision": precision, "no_grad_on_d_after_g_step": no_grad_on_d,
             "d_equal_with_and_without_g_step": all(torch.equal(x, y) for x, y in zip(da, db, strict=True)),
@@ -83,7 +84,7 @@ def leak(out: Path) -> None:
         trainers += [a, b, c]
     # One process group for all of them (DeepSpeed caches its groups): the first strategy owns it.
     for x in reversed(trainers):
-        x.s.close()
+        x.strategy.close()
     torch.save(results, out / "leak.pt")
     print("leak:", results, flush=True)
 
@@ -98,24 +99,24 @@ class _SlicedStreamTrainer(Trainer):
         self.stream = torch.Generator().manual_seed(1234)
 
     def _slice(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0] // self.s.world_size
-        return x[self.s.rank * n:(self.s.rank + 1) * n]
+        n = x.shape[0] // self.strategy.world_size
+        return x[self.strategy.rank * n:(self.strategy.rank + 1) * n]
 
     def _reals(self) -> torch.Tensor:
-        n = self.cfg.train.batch_size * self.s.world_size
+        n = self.cfg.train.batch_size * self.strategy.world_size
         idx = torch.randint(len(self.images), (n,), generator=self.stream)
-        return to_model_input(self._slice(self.images[idx]), self.s.device)
+        return to_model_input(self._slice(self.images[idx]), self.strategy.device)
 
     def _z(self, n: int) -> torch.Tensor:
-        z = torch.randn(n * self.s.world_size, self.cfg.model.z_dim, generator=self.stream)
-        return self._slice(z).to(self.s.device)
+        z = torch.randn(n * self.strategy.world_size, self.cfg.model.z_dim, generator=self.stream)
+        return self._slice(z).to(self.strategy.device)
 
 
 def _equiv_run(t: _SlicedStreamTrainer) -> dict[str, dict[str, torch.Tensor]]:
     """`train.steps` outer steps of the Trainer on the global stream; the resulting G/D/EMA weights."""
     for _ in range(t.cfg.train.steps):
         t.train_step()
-    return {"G": t.s.g_module.state_dict(), "D": t.s.d_module.state_dict(), "EMA": t.ema.module.state_dict()}
+    return {"G": t.strategy.G.state_dict(), "D": t.strategy.D.state_dict(), "EMA": t.ema.module.state_dict()}
 
 
 def equiv(out: Path, overrides: list[str]) -> None:
@@ -174,16 +175,16 @@ def deepspeed_checks(out: Path) -> None:
             t = trainer(_SlicedStreamTrainer, f"run.out_dir={out}/ds-{stage}-{name}", "dist.strategy=deepspeed",
                         _zero(stage), *EQUIV_COMMON, *EQUIV_SETUPS[name], "train.batch_size=4")
             weights = _equiv_run(t)
-            if t.s.is_main:
+            if t.strategy.is_main:
                 torch.save(weights, out / f"ds-zero{stage}-{name}.pt")
         sn = ["dist.strategy=deepspeed", _zero(1), "model.spectral_norm=true", "train.precision=bf16",
               "train.batch_size=4", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5",
               "train.sample_every=0"]
         a = trainer(Trainer, f"run.out_dir={out}/a", *sn)
         a.train_step()
-        buffers = {k: v.detach().clone() for k, v in a.s.d_module.named_buffers()}
-        seen = a.s.all_gather_object({"buffers": buffers, "fingerprint": a._fingerprints()})
-        if a.s.is_main:
+        buffers = {k: v.detach().clone() for k, v in a.strategy.D.named_buffers()}
+        seen = a.strategy.all_gather_object({"buffers": buffers, "fingerprint": fingerprints(a)})
+        if a.strategy.is_main:
             torch.save(seen, out / "sn.pt")
         a.fit()
         b = trainer(Trainer, f"run.out_dir={out}/b", *sn,
@@ -217,14 +218,14 @@ def grads(out: Path, overrides: list[str]) -> None:
     s = make_strategy(cfg)
     try:
         t = _SlicedStreamTrainer(cfg, strategy=s)
-        _spread(s.g_module, seed=7)
-        _spread(s.d_module, seed=8)
+        _spread(s.G, seed=7)
+        _spread(s.D, seed=8)
         captured: dict[str, list[torch.Tensor]] = {}
 
         def backward_only(phase: str, loss: torch.Tensor) -> None:
             # The strategy's backward without the optimizer step: DDP has averaged the ranks' gradients.
             loss.backward()
-            module = s.d_module if phase == "d" else s.g_module
+            module = s.D if phase == "d" else s.G
             captured[phase] = [p.grad.detach().clone() for p in module.parameters()]
             s.zero_grad(phase)
 

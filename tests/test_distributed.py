@@ -22,9 +22,10 @@ import torch
 
 from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
 from rgan_dist.config import load_config
-from rgan_dist.engine.distributed import LAUNCHER_ENV, deepspeed_config
+from rgan_dist.engine.deepspeed import deepspeed_config
+from rgan_dist.engine.distributed import LAUNCHER_ENV
+from rgan_dist.engine.faults import FAULT_ENV, parse_faults
 from rgan_dist.engine.loop import train
-from rgan_dist.engine.strategy import FAULT_ENV, parse_faults
 from rgan_dist.errors import ConfigError, UsageError
 from rgan_dist.models import build_models
 
@@ -420,14 +421,15 @@ def test_fingerprints_hash_buffers_but_not_batchnorm_statistics(tmp_path):
     """Spectral norm's u/v must agree on every rank at every step, so the rank fingerprints hash them; BatchNorm's
     running statistics are per rank by design until checkpoints sync them, so they are left out."""
     from rgan_dist.engine.loop import Trainer
+    from rgan_dist.engine.state import fingerprints
 
     t = Trainer(load_config(DEMO, [*TINY, "model.spectral_norm=true", f"run.out_dir={tmp_path}"]))
-    before = t._fingerprints()
+    before = fingerprints(t)
     with torch.no_grad():
-        dict(t.s.d_module.named_buffers())["blocks.1.1.running_mean"].add_(1)
-        assert t._fingerprints() == before
-        dict(t.s.d_module.named_buffers())["to_logit.parametrizations.weight.0._u"].mul_(-1)
-    after = t._fingerprints()
+        dict(t.strategy.D.named_buffers())["blocks.1.1.running_mean"].add_(1)
+        assert fingerprints(t) == before
+        dict(t.strategy.D.named_buffers())["to_logit.parametrizations.weight.0._u"].mul_(-1)
+    after = fingerprints(t)
     assert after["D"] != before["D"] and after["G"] == before["G"]
 
 

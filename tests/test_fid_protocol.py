@@ -195,7 +195,7 @@ def test_ema_generator_is_evaluated_with_batch_norm_statistics_of_its_own_weight
     cfg = _cfg(tmp_path, "train.steps=30", "eval.every=30")
     trainer = Trainer(cfg, evaluator=evaluator)
     trainer.fit()
-    G, live = judged["G"], trainer.s.g_module
+    G, live = judged["G"], trainer.strategy.G
     norms = _norms(G)
     assert norms
 

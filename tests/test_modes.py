@@ -227,10 +227,10 @@ def test_collapsed_generator_is_caught_in_training(tmp_path, shards16, monkeypat
         pick = (z[:, 0].abs() * 1e6).long() % len(bank)
         return bank[pick].to(out) + 0 * out  # keeps G's graph: the G step still has a gradient to follow
 
-    for g in {trainer.s.g_module, trainer.eval_generator}:
+    for g in {trainer.strategy.G, trainer.eval_generator}:
         g.register_forward_hook(collapse if kind == "collapsed" else spread)
     result = trainer.fit()
-    trainer.s.close()
+    trainer.strategy.close()
     assert result.step == 2
     logged = [r for r in map(json.loads, (cfg.out_dir / "metrics.jsonl").read_text().splitlines()) if "modes" in r]
     assert len(logged) == 1 and logged[0]["step"] == 2

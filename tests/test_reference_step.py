@@ -159,7 +159,7 @@ def check_against_reference(tmp_path, *overrides: str, steps: int = 3) -> tuple[
     cfg = load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}", *overrides])
     trainer = Trainer(cfg)
     try:
-        G, D = copy.deepcopy(trainer.s.g_module), copy.deepcopy(trainer.s.d_module)
+        G, D = copy.deepcopy(trainer.strategy.G), copy.deepcopy(trainer.strategy.D)
         gen = torch.Generator().set_state(trainer.gen.get_state())
         ref_data = _Recorder(make_batches(cfg, rank=0, world_size=1, device=torch.device("cpu")))
         trainer.data = _Recorder(trainer.data)
@@ -170,7 +170,7 @@ def check_against_reference(tmp_path, *overrides: str, steps: int = 3) -> tuple[
         assert len(trainer.data.seen) == len(ref_data.seen), "the trainer took a different number of real batches"
         for i, (a, b) in enumerate(zip(trainer.data.seen, ref_data.seen, strict=True)):
             assert torch.equal(a, b), f"real batch {i} differs from the reference's"
-        for name, mine, ref in (("G", trainer.s.g_module, G), ("D", trainer.s.d_module, D)):
+        for name, mine, ref in (("G", trainer.strategy.G, G), ("D", trainer.strategy.D, D)):
             for (k, v), r in zip(mine.state_dict().items(), ref.state_dict().values(), strict=True):
                 torch.testing.assert_close(v, r, rtol=0, atol=ATOL, msg=f"{name}.{k} differs from the reference")
         assert trainer.ema is not None
@@ -178,7 +178,7 @@ def check_against_reference(tmp_path, *overrides: str, steps: int = 3) -> tuple[
             torch.testing.assert_close(v, r, rtol=0, atol=ATOL, msg=f"EMA {k} differs from the reference")
         return trainer, ref_data.seen
     finally:
-        trainer.s.close()
+        trainer.strategy.close()
 
 
 # ---- the tests -------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from test_distributed import DEMO, TINY, _env, assert_ranks_identical, assert_sa
 from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
 from rgan_dist.config import load_config
 from rgan_dist.data import load_digits_uint8
+from rgan_dist.engine.faults import FAULT_ENV, parse_faults
 from rgan_dist.engine.loop import train
-from rgan_dist.engine.strategy import FAULT_ENV, parse_faults
 
 IMAGES, SHARD_SIZE, STEPS = 24, 8, 8
 

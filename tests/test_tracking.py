@@ -200,7 +200,7 @@ def test_training_survives_the_server_dying_mid_run(tmp_path, server, capfd):
         result = trainer.fit()
     finally:
         trainer.tracker.close()
-        trainer.s.close()
+        trainer.strategy.close()
     after_kill = time.monotonic() - killed_at["t"]
 
     assert result.step == 8 and not result.interrupted

@@ -69,9 +69,9 @@ def test_d_is_frozen_during_g_step(tmp_path):
     t = Trainer(cfg)
     real = t._reals()
     t.g_step(real)
-    assert all(p.grad is None for p in t.s.d_module.parameters())
-    assert all(p.requires_grad for p in t.s.d_module.parameters())  # unfrozen afterwards
-    t.s.close()
+    assert all(p.grad is None for p in t.strategy.D.parameters())
+    assert all(p.requires_grad for p in t.strategy.D.parameters())  # unfrozen afterwards
+    t.strategy.close()
 
 
 @pytest.mark.parametrize("loss,draws", [("sgan", 2), ("rasgan", 3)])
@@ -106,7 +106,7 @@ def test_g_step_draws_a_fresh_real_batch_only_for_losses_that_use_it(tmp_path, m
 
     monkeypatch.setattr(t, "train_step", one_second_step)
     result = t.fit()
-    t.s.close()
+    t.strategy.close()
     assert taken["n"] == 2 * draws  # two steps
     assert result.last_metrics["img_per_s"] == pytest.approx(8 * draws)  # train.batch_size=8 per step-second
 
@@ -158,7 +158,7 @@ def test_keyboard_interrupt_saves_final_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(t, "train_step", interrupting)
     result = t.fit()
-    t.s.close()
+    t.strategy.close()
     assert result.interrupted and result.step == 4
     assert CheckpointManager(cfg.checkpoint_dir).latest().name == "ckpt-00000004.pt"
 

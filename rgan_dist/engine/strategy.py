@@ -3,16 +3,18 @@
 A strategy owns: the process group and device, how G and D are wrapped, which callable runs each
 forward, how a loss is backpropagated and the optimizers stepped, mixed precision, and what goes into
 a checkpoint. The loop in `loop.py` is written once against this class; `single` is the plain
-one-process strategy, and `ddp`/`deepspeed` subclass it (`make_strategy` picks one from the config).
+one-process strategy; `DistributedStrategy` adds the process group and collectives, and `ddp.py` and
+`deepspeed.py` subclass it (`rgan_dist.engine.make_strategy` picks one from the config).
 
-Forward callables, and why there are three:
-- `g`: the generator used in both phases (wrapped, so G's gradients sync under DDP).
-- `d`: the discriminator for the D phase (real, fake and the penalty's forwards all go through it).
-- `d_frozen`: the discriminator for the G phase. D's parameters are frozen there, and under DDP and
+Two raw modules, `G` and `D` (what optimizers, EMA, samples and checkpoints use), and four forward
+callables, named after stylegan2-ada's `run_G`/`run_D`:
+- `run_G`: the generator used in both phases (wrapped, so G's gradients sync under DDP).
+- `run_D`: the discriminator for the D phase (real and fake forwards go through it).
+- `run_D_frozen`: the discriminator for the G phase. D's parameters are frozen there, and under DDP and
   DeepSpeed a forward through the wrapper would register gradient hooks that never fire (DDP then
   errors on the next backward; DeepSpeed refuses any backward outside `engine.backward`), so this is
   always the raw module.
-- `d_penalty`: `d` without torch.compile, for the gradient penalty's forward: aot_autograd cannot
+- `run_D_for_penalty`: `run_D` without torch.compile, for the gradient penalty's forward: aot_autograd cannot
   double-backward ("torch.compile with aot_autograd does not currently support double backward"), so
   with `train.compile=true` the penalty runs eager while every other forward stays compiled.
 
@@ -27,31 +29,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rgan_dist import losses
 from rgan_dist.config import Config
+from rgan_dist.engine import distributed
+from rgan_dist.engine.faults import FAULT_ENV, parse_faults
+from rgan_dist.errors import ConfigError, UsageError
 
 Phase = str  # "g" or "d"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from rgan_dist.errors import UsageError
-
-        raise UsageError("run.device=cuda: no CUDA device is visible; use run.device=cpu or auto")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 class Strategy:
@@ -61,15 +53,12 @@ class Strategy:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = resolve_device(cfg.run.device, self.local_rank)
+        self.process = distributed.locate(cfg.run.device)  # DistributedStrategy then joins the group
+        p = self.process
+        self.rank, self.world_size, self.local_rank, self.device = p.rank, p.world_size, p.local_rank, p.device
         self.precision = cfg.train.precision
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         if self.precision == "fp16" and self.device.type != "cuda":
-            from rgan_dist.errors import ConfigError
-
             raise ConfigError("train.precision=fp16: needs a CUDA device; use bf16 or fp32 on CPU")
         # fp16 needs loss scaling; one scaler per optimizer because G and D step at different times.
         self.scalers: dict[Phase, torch.amp.GradScaler] = (
@@ -87,12 +76,14 @@ class Strategy:
         """Move the pair to the device, build the optimizers and the forward callables."""
         self._place(G, D)
         self.opt: dict[Phase, torch.optim.Optimizer] = self._optimizers()
-        self.g: Callable[..., torch.Tensor] = self.G
-        self.d: Callable[..., torch.Tensor] = self.D
-        self.d_frozen: Callable[..., torch.Tensor] = self.D
-        self.d_penalty: Callable[..., torch.Tensor] = self.D
-        if self.cfg.train.compile:
-            self.g, self.d, self.d_frozen = torch.compile(self.G), torch.compile(self.D), torch.compile(self.D)
+        self._set_forwards(self.G, self.D, compile=self.cfg.train.compile)
+
+    def _set_forwards(self, G: Callable[..., torch.Tensor], D: Callable[..., torch.Tensor], *, compile: bool) -> None:
+        """The forward callables (module docstring): `G`/`D` as the phases call them (wrapped where gradients
+        sync), the G phase's D always the raw module, the penalty's D never compiled."""
+        self.run_G, self.run_D, self.run_D_frozen, self.run_D_for_penalty = G, D, self.D, D
+        if compile:
+            self.run_G, self.run_D, self.run_D_frozen = torch.compile(G), torch.compile(D), torch.compile(self.D)
 
     def _place(self, G: nn.Module, D: nn.Module) -> None:
         mf = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
@@ -136,6 +127,19 @@ class Strategy:
     def zero_grad(self, phase: Phase) -> None:
         """Drop the phase's gradients without stepping (a skipped, non-finite step)."""
         self.opt[phase].zero_grad(set_to_none=True)
+
+    def set_hparams(self, phase: Phase, *, lr: float | None = None, betas: tuple[float, float] | None = None) -> None:
+        """Set the phase's optimizer learning rate and/or Adam betas from now on (None: keep).
+
+        For PBT: a trial restarted from another trial's checkpoint carries that trial's values in the
+        optimizer state, and its own must win. Every strategy steps the same torch Adam (DeepSpeed's
+        engines wrap it as a client optimizer, and ZeRO's wrapper exposes the same `param_groups`), so
+        setting the groups here is enough everywhere."""
+        for group in self.opt[phase].param_groups:
+            if lr is not None:
+                group["lr"] = lr
+            if betas is not None:
+                group["betas"] = tuple(betas)
 
     @contextlib.contextmanager
     def frozen_d(self) -> Iterator[None]:
@@ -194,19 +198,11 @@ class Strategy:
 
     # ---- checkpoint ----------------------------------------------------------------------------
 
-    @property
-    def g_module(self) -> nn.Module:
-        return self.G
-
-    @property
-    def d_module(self) -> nn.Module:
-        return self.D
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.name,
-            "G": self.g_module.state_dict(),
-            "D": self.d_module.state_dict(),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
             "opt_g": self.opt["g"].state_dict(),
             "opt_d": self.opt["d"].state_dict(),
             "scalers": {p: s.state_dict() for p, s in self.scalers.items()},
@@ -222,13 +218,11 @@ class Strategy:
     def load_state_dict(self, state: dict[str, Any], sharded: Path | None = None) -> None:
         """Restore `state` (a `state_dict()`); `sharded` is the folder `save_sharded` wrote, if any."""
         if "opt_g" not in state:
-            from rgan_dist.errors import UsageError
-
             raise UsageError(
                 f"checkpoint written by dist.strategy={state.get('strategy')!r} keeps its optimizer state in "
                 f"DeepSpeed's folder beside it: resume it with dist.strategy={state.get('strategy')}")
-        self.g_module.load_state_dict(state["G"])
-        self.d_module.load_state_dict(state["D"])
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
         self.opt["g"].load_state_dict(state["opt_g"])
         self.opt["d"].load_state_dict(state["opt_d"])
         for p, s in state.get("scalers", {}).items():
@@ -236,73 +230,103 @@ class Strategy:
                 self.scalers[p].load_state_dict(s)
 
 
-# ---- fault injection (a test hook) -----------------------------------------------------------------
+# ---- several ranks ---------------------------------------------------------------------------------
 
-FAULT_ENV = "RGAN_FAULT_INJECT"
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient w.r.t. each rank's input is the sum over ranks of the
+    output's gradients, because every rank's loss depends on every rank's input through the sum.
 
+    Our own eight lines rather than `torch.distributed.nn.functional.all_reduce` (the same maths, deprecated
+    in torch 2.13) or `_functional_collectives` (private). The backward is a collective too: it runs on
+    every rank that backpropagates a loss built from the output, i.e. on all of them."""
 
-@dataclass(frozen=True)
-class Fault:
-    """One injected failure: `action` at the end of `step` (event `step`) or while the checkpoint of
-    `step` is half written (event `save`), on `rank` (None: every rank), in torchrun attempt `restart`."""
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
 
-    action: str
-    event: str
-    step: int
-    rank: int | None = None
-    restart: int = 0
-
-    def fire(self, rank: int) -> None:
-        where = f"{self.event} {self.step} on rank {rank}"
-        if self.action == "raise":
-            raise RuntimeError(f"{FAULT_ENV}: injected failure at {where}")
-        print(f"rgan: {FAULT_ENV}: {self.action} at {where}", flush=True)
-        if self.action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.action == "term":  # a real pre-emption notice: the loop's own SIGTERM handler takes it
-            os.kill(os.getpid(), signal.SIGTERM)
-        while self.action == "hang":
-            time.sleep(3600)
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
-def parse_faults(spec: str) -> list[Fault]:
-    """Parse `RGAN_FAULT_INJECT`. A test hook, not a feature: tests use it to make a real rank of a real
-    job fail the way production ranks do (an exception, a SIGKILL, a SIGTERM, a hang), with nothing mocked.
 
-    Grammar: comma-separated `ACTION@STEP[:rankR][:restartN]`; ACTION is `raise`, `kill`, `term` (SIGTERM
-    to the own process, as a scheduler's pre-emption notice) or `hang` (at the end of outer step STEP) or
-    `killsave` (SIGKILL while the checkpoint of STEP is written, after the temp file got its bytes and
-    before the rename). Without `:rankR` every rank fires; a fault fires only in
-    torchrun attempt N (TORCHELASTIC_RESTART_COUNT, default 0), so a restarted job does not fail again.
-    Examples: `raise@3:rank1`, `kill@5:rank0`, `term@5:rank1`, `killsave@4:rank0`."""
-    from rgan_dist.errors import UsageError
+class DistributedStrategy(Strategy):
+    """The process group (`distributed.Process.join`) and the collectives both distributed strategies share
+    (`ddp.DDPStrategy`, `deepspeed.DeepSpeedStrategy`)."""
 
-    faults = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        head, *mods = item.split(":")
-        action, sep, step = head.partition("@")
-        rank, restart = None, 0
-        try:
-            if not sep or action not in ("raise", "kill", "term", "hang", "killsave"):
-                raise ValueError
-            for m in mods:
-                if m.startswith("rank"):
-                    rank = int(m[4:])
-                elif m.startswith("restart"):
-                    restart = int(m[7:])
-                else:
-                    raise ValueError
-            event = "save" if action == "killsave" else "step"
-            faults.append(Fault("kill" if action == "killsave" else action, event, int(step), rank, restart))
-        except ValueError:
-            raise UsageError(f"{FAULT_ENV}={spec!r}: expected ACTION@STEP[:rankR][:restartN] with ACTION one of "
-                             "raise, kill, term, hang, killsave (e.g. raise@3:rank1)") from None
-    return faults
+    name = "distributed"
 
+    def __init__(self, cfg: Config) -> None:
+        distributed.ensure_launcher_env()
+        super().__init__(cfg)
+        self.process.join(cfg.dist.backend, cfg.dist.timeout_s)
+        self.backend = self.process.backend
+        if self.is_main:
+            for warning in distributed.restart_warnings(cfg, os.environ):
+                print(f"rgan: warning: {warning}", flush=True)
 
-def make_strategy(cfg: Config) -> Strategy:
-    if cfg.dist.strategy == "single":
-        return Strategy(cfg)
-    from rgan_dist.engine import distributed  # imported lazily: deepspeed is slow to import
+    # ---- collectives -----------------------------------------------------------------------------
 
-    return distributed.make(cfg)
+    def _tensor(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def batch_means(self, r: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m(r), m(f) over the global batch (`loss.batch_stats=global`), or this rank's (`local`).
+
+        One all-reduce of (sum r, sum f, count r, count f) whose backward all-reduces the upstream gradient
+        (`_AllReduceSum`): every rank's logits get the gradient that flows into the global mean from *all*
+        ranks' losses, so after DDP/DeepSpeed average the ranks' gradients they
+        equal one process's on the concatenated batch (the reasoning is in `rgan_dist.losses`). Every rank
+        calls it the same number of times (the loss name is the same everywhere), as a collective must."""
+        if self.cfg.loss.batch_stats == "local":
+            return super().batch_means(r, f)
+        parts = torch.stack([r.sum(), f.sum(), r.new_tensor(float(r.numel())), f.new_tensor(float(f.numel()))])
+        total = _AllReduceSum.apply(parts)
+        return total[0] / total[2], total[1] / total[3]
+
+    def all_finite(self, *values: torch.Tensor) -> bool:
+        ok = torch.isfinite(torch.stack([v.detach().float() for v in values])).all().float().reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def sync_buffers(self, modules: list[nn.Module]) -> None:
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf.data, src=0)
+
+    def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        keys = list(values)
+        # each value to the device first: a CPU scalar beside CUDA ones made torch.stack fail on an H100
+        stacked = torch.stack([values[k].detach().float().reshape(()).to(self.device) for k in keys])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= self.world_size
+        return dict(zip(keys, stacked.tolist(), strict=True))
+
+    def any_rank(self, flag: bool) -> bool:
+        t = self._tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this strategy joined (`distributed.Process.close`: barrier, release, destroy)."""
+        self.process.close(release=self._release)
+
+    def _release(self) -> None:
+        """Drop references to objects that hold the process group (DDP reducers, DeepSpeed engines)."""

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from rgan_dist.engine.distributed import resolve_device, start
 from rgan_dist.errors import UsageError
 from rgan_dist.metrics.features import (
     compare_on_rank0,
@@ -28,20 +26,7 @@ from rgan_dist.metrics.features import (
 )
 from rgan_dist.metrics.inception import InceptionNetwork, load_inception
 
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/"auto": this rank's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here; use cpu or auto")
-    return dev
+FID_TIMEOUT_S = 1800  # collectives wait while a rank embeds its share: generous, but bounded
 
 
 def fid_between(
@@ -138,32 +123,20 @@ def add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
 
 
-def _maybe_init_process_group(device: torch.device) -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the group; returns whether we created it (and must destroy it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return True
-
-
 def run_fid(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 2:
         raise UsageError(f"--num-samples {args.num_samples}: FID needs at least 2 images per side")
     for name in ("kid_subsets", "kid_subset_size", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    device = resolve_device(args.device)
-    created = _maybe_init_process_group(device)
+    process = start(args.device, timeout_s=FID_TIMEOUT_S, option="--device")  # joins the group under torchrun
     try:
         result = fid_between(
             args.a,
             args.b,
             num_samples=args.num_samples,
             batch_size=args.batch_size,
-            device=device,
+            device=process.device,
             weights=args.inception,
             kid=not args.no_kid,
             kid_subsets=args.kid_subsets,
@@ -176,11 +149,8 @@ def run_fid(args: argparse.Namespace) -> int:
             print(format_result(result), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        if created:
-            dist.barrier()  # orderly teardown: no rank leaves while another still talks to the group
     finally:
-        if created:
-            dist.destroy_process_group()
+        process.close()  # orderly: no rank leaves while another still talks to the group
     return 0
 
 

@@ -11,6 +11,9 @@ D(x [B, channels, R, R]) -> flat fp32 logits [B // pack]. G exposes `z_dim`, `re
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
 from torch import nn
 
 from rgan_dist.errors import ConfigError
@@ -18,20 +21,32 @@ from rgan_dist.models.cnn32 import CNN32Discriminator, CNN32Generator
 from rgan_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from rgan_dist.models.layers import check_positive_int
 
+if TYPE_CHECKING:
+    from rgan_dist.config import ModelConfig
+
 __all__ = ["ARCHS", "DCGAN_RESOLUTIONS", "build_models", "count_parameters", "describe"]
 
 ARCHS: tuple[str, ...] = ("dcgan", "cnn32")
 DCGAN_RESOLUTIONS: tuple[int, ...] = tuple(2**k for k in range(4, 11))  # 16 .. 1024
 
 
-def build_models(arch: str, *, resolution: int, z_dim: int = 128, width: int = 64, max_width: int = 1024,
-                 channels: int = 3, spectral_norm: bool = False, g_batch_norm: bool = True,
-                 d_batch_norm: bool = True, pack: int = 1) -> tuple[nn.Module, nn.Module]:
-    """Build (G, D) for `arch`, initialised from the global torch RNG (seed it first for a fixed pair).
+def build_models(model: ModelConfig | str, **sizes: Any) -> tuple[nn.Module, nn.Module]:
+    """Build (G, D), initialised from the global torch RNG (seed it first for a fixed pair).
 
-    `spectral_norm` and `d_batch_norm` are independent: the paper's spectral-norm runs had no
-    BatchNorm in D, so presets reproducing them set `d_batch_norm=False` as well.
-    """
+    `model` is the config's `model` section (the engine and `rgan eval`: `build_models(cfg.model)`), or an
+    architecture name with the sizes as keywords (tests, benchmarks); keywords also override a section's
+    fields. The keywords are `model.*`'s: see `_build`."""
+    if isinstance(model, str):
+        return _build(model, **sizes)
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    return _build(**{**fields, **sizes})
+
+
+def _build(arch: str, *, resolution: int, z_dim: int = 128, width: int = 64, max_width: int = 1024,
+           channels: int = 3, spectral_norm: bool = False, g_batch_norm: bool = True,
+           d_batch_norm: bool = True, pack: int = 1) -> tuple[nn.Module, nn.Module]:
+    """`spectral_norm` and `d_batch_norm` are independent: the paper's spectral-norm runs had no
+    BatchNorm in D, so presets reproducing them set `d_batch_norm=False` as well."""
     if arch not in ARCHS:
         raise ConfigError(f"model.arch={arch!r}: unknown architecture; allowed: {', '.join(ARCHS)}")
     for name, value in (("z_dim", z_dim), ("width", width), ("max_width", max_width),

@@ -1,0 +1,93 @@
+"""What surrounds the loop without being the GAN story: callbacks (how the sweep's trial hooks in), the
+stop request a signal makes (a scheduler's SIGTERM, Ctrl-C), and the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rgan_dist.engine.loop import Trainer, TrainResult
+
+
+class Callback:
+    """Hooks a caller adds to a run without subclassing the Trainer (the sweep's trial reports each evaluation
+    to Tune, injects its test fault, sets PBT's hyperparameters). Every method is optional: an object with
+    any subset of them works, and this class is a no-op base to subclass for convenience.
+
+    - `on_start(trainer)`: fired by `train()` once the Trainer is built (models placed, checkpoint resumed,
+      so `trainer.step` is the resumed step), before the first step.
+    - `on_step_end(trainer, step, metrics)`: after every outer step, once the step's metrics were logged.
+      `metrics` is the logged dict (floats, averaged over ranks) on a logging step (`train.log_every`) and
+      `{}` on the others, so a callback never forces a host sync the loop would not make anyway. Fired
+      before the step's samples, evaluation and checkpoint.
+    - `on_eval(trainer, step, results)`: after each evaluation (`Trainer.evaluate`, in the loop or called
+      directly), once its results were logged and best.pt saved.
+    - `on_end(trainer, result, error)`: fired by `train()` after `fit()` returned (`error` None) or raised
+      (`result` None), while the strategy and tracker are still open (a collective such as
+      `trainer.save_checkpoint()` is allowed: every rank is there, also after `TrainingDiverged`, which
+      the ranks raise at the same step).
+
+    Stopping. `on_step_end` and `on_eval` may return True, or call `trainer.request_stop()`: the loop
+    finishes the current step (samples, evaluation, checkpoint), saves the final checkpoint and returns
+    with `TrainResult.stopped` set (not `interrupted`: nothing went wrong). Under several ranks the
+    request is agreed in the loop's one per-step `any_rank`, so a request on any rank stops every rank
+    after the same step. A callback may also raise: Tune's `report` ends a stopped trial with
+    `SystemExit(0)`, which `train()` closes as a finished run."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> bool | None: ...
+
+    def on_eval(self, trainer: Trainer, step: int, results: dict[str, float]) -> bool | None: ...
+
+    def on_end(self, trainer: Trainer, result: TrainResult | None, error: BaseException | None) -> None: ...
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's pre-emption notice) stops the loop like Ctrl-C: a final checkpoint is saved.
+
+    One process: the handler raises KeyboardInterrupt at once. Several ranks: the handlers (SIGTERM and
+    SIGINT) only set a flag that the loop all-reduces after each step, so every rank stops after the same
+    step and the final checkpoint's collectives line up (an exception in the middle of a collective
+    would leave the ranks in different places)."""
+
+    def __init__(self, distributed: bool) -> None:
+        self.enabled = distributed
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        signals = (signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,)
+        for sig in signals:
+            # not the main thread (e.g. inside a Ray worker thread): leave signals alone
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.enabled or self.requested:  # a second signal: stop now, without the agreed step
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
+
+
+class NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,179 @@
+"""A run's checkpoint state, outside the loop: what a checkpoint holds (`state_dict`), each rank's RNG
+streams, the rank fingerprints that catch diverged ranks, the collective save, the run-folder claim and the
+resume resolution. `rgan_dist.checkpoint` stores files (atomic writes, keep-K, `latest`, best.pt) and knows
+nothing of ranks; this module is the engine's use of it, collectives included (every function that takes
+the strategy's collectives is called by every rank at the same point).
+
+Exact resume is the contract: model, optimizers, EMA, step and counters, and every rank's RNG streams
+(torch, CUDA, the per-rank noise generator, Python, NumPy) and data position come back bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, load_checkpoint, previous_run, set_aside
+from rgan_dist.config import dump_config
+from rgan_dist.errors import UsageError
+
+if TYPE_CHECKING:
+    from rgan_dist.engine.loop import Trainer
+
+
+def state_dict(trainer: Trainer) -> dict[str, Any]:
+    """This rank's view of the run. Not a collective (best.pt calls it on rank 0 alone); the
+    per-rank parts of every rank are gathered by `save_checkpoint`."""
+    return {
+        "format": "rgan-dist/1",
+        "step": trainer.step,
+        "config": dump_config(trainer.cfg),
+        "model": trainer.strategy.state_dict(),
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "rng": rng_state(trainer),
+        "data": trainer.data.state(),
+        "world_size": trainer.strategy.world_size,
+        "bad_steps": trainer.bad_steps_total,
+        "best_fid": trainer.best_fid,
+    }
+
+def rng_state(trainer: Trainer) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "gen": trainer.gen.get_state(),
+            "cuda": torch.cuda.get_rng_state() if trainer.strategy.device.type == "cuda" else None,
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+def set_rng_state(trainer: Trainer, rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    trainer.gen.set_state(rng["gen"])
+    if rng.get("cuda") is not None and trainer.strategy.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    if rng.get("python") is not None:
+        random.setstate(rng["python"])
+    if rng.get("numpy") is not None:
+        name, key, *rest = rng["numpy"]
+        np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+
+def fingerprints(trainer: Trainer) -> dict[str, str]:
+    """Hashes of this rank's G, D and EMA parameters and buffers: equal on every rank, or the ranks
+    diverged. BatchNorm's running statistics are left out: they are per rank by design until
+    `sync_buffers`, which runs after this (it would hide a divergence of the other buffers, e.g.
+    spectral norm's u/v, which must agree at every step)."""
+    modules = {"G": trainer.strategy.G, "D": trainer.strategy.D}
+    if trainer.ema is not None:
+        modules["EMA"] = trainer.ema.module
+    out = {}
+    for name, module in modules.items():
+        h = hashlib.sha256()
+        buffers = [b for sub in module.modules() if not isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
+                   for b in sub.buffers(recurse=False)]
+        for t in [*module.parameters(), *buffers]:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+def save_checkpoint(trainer: Trainer) -> Path | None:
+    """Collective: every rank calls it at the same step. Rank 0 writes one file holding every rank's
+    RNG state and data position; sharded strategies first write their parts into the step's folder."""
+    s = trainer.strategy
+    fingerprint = fingerprints(trainer)
+    s.sync_buffers(trainer.buffered_modules())
+    state = state_dict(trainer)
+    ranks = s.all_gather_object({"rng": state["rng"], "data": state["data"], "fingerprint": fingerprint})
+    sidecar = trainer.ckpt.sidecar(trainer.step)
+    if s.is_main and sidecar.exists():  # left by a job killed while saving this very step
+        shutil.rmtree(sidecar)
+    s.barrier()
+    if s.save_sharded(sidecar):
+        state["sharded"] = sidecar.name
+    s.barrier()  # every rank's part is on disk before the file that makes the checkpoint count
+    path = None
+    if s.is_main:
+        if any(r["fingerprint"] != ranks[0]["fingerprint"] for r in ranks):
+            raise RuntimeError(f"ranks diverged at step {trainer.step}: parameter/buffer hashes differ "
+                               f"({[r['fingerprint'] for r in ranks]}); not writing a checkpoint")
+        state["ranks"] = ranks
+        path = trainer.ckpt.save(trainer.step, state, before_commit=lambda: s.fault_point("save", trainer.step))
+    s.barrier()
+    return path
+
+def claim_run_folder(trainer: Trainer, tracker_given: bool) -> None:
+    """A run folder belongs to one run: a fresh run (checkpoint.resume '') never writes beside another
+    run's checkpoints or into its metrics.jsonl. It refuses, or with checkpoint.overwrite moves the old
+    files aside (`set_aside`; never deleted). Collective, like `resolve_resume`: what any rank sees
+    decides for all, so every rank raises or none does; rank 0 alone moves, then a barrier. A tracker
+    the caller made (the sweep's) has already written this run's config.yaml/mlflow_run.json: kept."""
+    cfg = trainer.cfg
+    if cfg.checkpoint.resume:
+        return
+    mine = [str(p) for p in previous_run(cfg.out_dir, cfg.checkpoint_dir)]
+    old = sorted({p for seen in trainer.strategy.all_gather_object(mine) for p in seen})
+    if not old:
+        return
+    if not cfg.checkpoint.overwrite:
+        latest = trainer.ckpt.latest()
+        what = f"checkpoints up to {latest.name}" if latest is not None else ", ".join(Path(p).name for p in old)
+        raise UsageError(f"{cfg.checkpoint_dir if latest is not None else cfg.out_dir} already holds another run "
+                         f"({what}): continue it with --resume auto, move it aside with --overwrite "
+                         f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or set another "
+                         f"run.out_dir")
+    if trainer.strategy.is_main:
+        moved = set_aside([Path(p) for p in old if Path(p).exists()], cfg.out_dir, cfg.checkpoint_dir,
+                          keep=TRACKER_FILES if tracker_given else ())
+        print(f"rgan: moved the previous run's files in this folder to {' and '.join(map(str, moved))}",
+              flush=True)
+    trainer.strategy.barrier()
+
+def resolve_resume(trainer: Trainer) -> Path | None:
+    """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
+    try:
+        found: Path | str | None = trainer.ckpt.resolve(trainer.cfg.checkpoint.resume)
+    except UsageError as e:
+        found = f"error: {e}"
+    seen = trainer.strategy.all_gather_object(str(found) if found is not None else None)
+    for item in seen:
+        if item is not None and item.startswith("error: "):
+            raise UsageError(item[len("error: "):])
+    if len(set(seen)) > 1:
+        raise UsageError(f"checkpoint.resume={trainer.cfg.checkpoint.resume!r}: ranks found different checkpoints "
+                         f"({sorted(set(map(str, seen)))}); checkpoint.dir must be storage every node shares")
+    return Path(seen[0]) if seen[0] is not None else None
+
+def resume(trainer: Trainer) -> dict[str, Any] | None:
+    path = resolve_resume(trainer)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    if state.get("format") != "rgan-dist/1":
+        raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
+    sharded = path.parent / state["sharded"] if state.get("sharded") else None
+    trainer.strategy.load_state_dict(state["model"], sharded=sharded)
+    if trainer.ema is not None and state["ema"] is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    trainer.step = int(state["step"])
+    trainer.bad_steps_total = int(state["bad_steps"])
+    trainer.best_fid = float(state["best_fid"])
+    ranks = state.get("ranks") or [{"rng": state["rng"], "data": state["data"]}]
+    if len(ranks) == trainer.strategy.world_size:
+        mine = ranks[trainer.strategy.rank]
+    else:
+        # The RNG and data split depend on the world size: the models and optimizers resume exactly,
+        # the noise and data order continue from a fresh per-rank seed instead.
+        if trainer.strategy.is_main:
+            print(f"rgan: warning: {path} was written by {len(ranks)} rank(s), this job has "
+                  f"{trainer.strategy.world_size}: resuming weights and optimizers; noise and data order restart "
+                  f"from seed+step", flush=True)
+        trainer.gen.manual_seed(trainer.cfg.train.seed * 7919 + trainer.strategy.rank + 104_729 * trainer.step)
+        mine = {"rng": None, "data": {"epoch": ranks[0]["data"].get("epoch", 0) + 1, "batch": 0}}
+    if mine["rng"] is not None:
+        set_rng_state(trainer, mine["rng"])
+    if trainer.strategy.is_main:
+        print(f"rgan: resumed from {path} at step {trainer.step}", flush=True)
+    return mine["data"]
