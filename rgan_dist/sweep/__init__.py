@@ -43,12 +43,12 @@ from rgan_dist.sweep.space import (
     trial_run_name,
 )
 from rgan_dist.sweep.spec import ResourcesConfig, SchedulerConfig, SweepConfig, find_file, load_sweep
-from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, FaultOnce, Reporter, TrialRun, TrialSetup, trial_main
+from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, FaultOnce, Reporter, TrialHooks, TrialSetup, run_trial, trial_main
 
 __all__ = [
     "SWEEP_FAULT_ENV", "FaultOnce", "ParentRun", "Reporter", "ResourcesConfig", "SchedulerConfig", "SweepConfig",
     "SweepResult",
-    "TrialRow", "TrialRun", "TrialSetup", "collect_rows", "describe_trial", "find_file", "load_sweep",
-    "make_scheduler", "param_space", "planned_trials", "results_table", "run_sweep", "trial_index",
+    "TrialHooks", "TrialRow", "TrialSetup", "collect_rows", "describe_trial", "find_file", "load_sweep",
+    "make_scheduler", "param_space", "planned_trials", "results_table", "run_sweep", "run_trial", "trial_index",
     "trial_main", "trial_overrides", "trial_run_name", "write_results",
 ]

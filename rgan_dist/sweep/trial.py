@@ -1,5 +1,7 @@
-"""Running one trial: the engine's Trainer with a report to Tune (and a checkpoint) at every evaluation,
-as one process or as the workers of a Ray Train TorchTrainer."""
+"""Running one trial: the engine's one run lifecycle (`engine.loop.train`) with the trial's callbacks
+(`TrialHooks`: a report to Tune, with a checkpoint, at every evaluation; PBT's hyperparameters; the test
+fault), as one process or as the workers of a Ray Train TorchTrainer. No Trainer subclass: the trial uses
+only the Trainer's public hooks, so the loop can change without the sweep following it."""
 
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rgan_dist.config import Config, config_from_dict
+from rgan_dist.engine.hooks import Callback
 from rgan_dist.errors import UsageError
 from rgan_dist.sweep.space import describe_trial, trial_index, trial_overrides, trial_run_name
 
 if TYPE_CHECKING:
-    from rgan_dist.engine.loop import Trainer
+    from rgan_dist.engine.loop import Trainer, TrainResult
 
 SWEEP_FAULT_ENV = "RGAN_SWEEP_FAULT_INJECT"
 FLUSH_TIMEOUT_S = 120.0  # the longest a trial waits for MLflow before handing a report to Tune
@@ -64,11 +67,12 @@ class TrialSetup:
 
 
 class FaultOnce:
-    """`RGAN_SWEEP_FAULT_INJECT=raise@K[:trialN]`: raise at the end of step K, once per trial.
+    """`RGAN_SWEEP_FAULT_INJECT=raise@K[:trialN]`: fail as the trial is about to run step K, once per trial.
 
     A test hook, not a feature (like the engine's `RGAN_FAULT_INJECT`, which fires on every attempt and so
-    cannot show a retried trial completing). "Once" is kept by a marker file in the trial's output folder,
-    so the retry that resumes from the trial's checkpoint runs through step K."""
+    cannot show a retried trial completing). It fires from the callbacks that end step K-1 (or start the
+    run), so step K is never logged by the failing attempt. "Once" is kept by a marker file in the trial's
+    output folder, so the retry that resumes from the trial's checkpoint runs through step K."""
 
     def __init__(self, spec: str, trial_id: str, out_dir: Path, rank: int = 0) -> None:
         self.step: int | None = None
@@ -81,7 +85,7 @@ class FaultOnce:
         if rank == 0 and (m.group(2) is None or int(m.group(2)) == trial_index(trial_id)):
             self.step = int(m.group(1))
 
-    def check(self, step: int) -> None:
+    def before_step(self, step: int) -> None:
         if self.step is not None and step == self.step and not self.marker.exists():
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             self.marker.write_text(f"{time.time()}\n")
@@ -94,10 +98,11 @@ class Reporter:
     `report_fn(metrics, checkpoint=...)` is `ray.tune.report` in a one-process trial and `ray.train.report`
     in the workers of a multi-worker trial (every worker calls it; rank 0 attaches the checkpoint)."""
 
-    def __init__(self, report_fn: Callable[..., None], checkpoint_cls: Any, *, restored_from: int = 0) -> None:
+    def __init__(self, report_fn: Callable[..., None], checkpoint_cls: Any, *, trial_id: str = "") -> None:
         self.report_fn = report_fn
+        self.trial_id = trial_id
         self.checkpoint_cls = checkpoint_cls
-        self.restored_from = restored_from
+        self.restored_from = 0  # the step the Trainer resumed at (set at on_start)
         self.last_step: int | None = None
         self.run_id = ""
         self.before_send: Callable[[Trainer, Path | None], None] | None = None
@@ -145,132 +150,123 @@ def _staged(path: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _set_optimizer_hparams(trainer: Trainer) -> None:
-    """After a resume, the optimizers carry the checkpoint's lr/betas; a PBT exploit restarts a trial
-    from another trial's checkpoint with new values, which must win."""
-    t = trainer.cfg.train
-    for phase, lr in (("g", t.lr_g), ("d", t.lr_d)):
-        opt = trainer.s.opt.get(phase)
-        for group in getattr(opt, "param_groups", []) or []:
-            group["lr"] = lr
-            if "betas" in group:
-                group["betas"] = tuple(t.betas)
+class TrialHooks(Callback):
+    """The trial's callbacks on the engine's Trainer (see `engine.loop.Callback`).
 
+    - on_start: the Trainer has resumed from the checkpoint, so Ray's copy of it is released; a PBT
+      exploit's own lr/betas replace those the checkpoint's optimizers carry.
+    - on_eval: every evaluation goes to Tune with a checkpoint (`Reporter`).
+    - on_end: a run that did not end on an evaluation step is judged once more; a diverged run reports
+      the worst FID; the run's outcome is tagged in MLflow before `train()` closes it."""
 
-class TrialRun:
-    """One trial's training: the engine's Trainer with a hook at each evaluation (report to Tune with a
-    checkpoint) and after each step (the fault hook); an MLflow child run of the sweep's parent run.
+    def __init__(self, cfg: Config, reporter: Reporter, tracker: Any, fault: FaultOnce,
+                 release: Callable[[], None]) -> None:
+        self.cfg, self.reporter, self.tracker, self.fault, self.release = cfg, reporter, tracker, fault, release
+        self.finished = False  # the last step's report is prepared (see `_before_send`)
+        reporter.before_send = self._before_send
 
-    Built in two phases on purpose: `__init__` loads the checkpoint to resume (while Ray's checkpoint
-    folder is still open), `run()` trains."""
+    def on_start(self, trainer: Trainer) -> None:
+        self.release()
+        self.reporter.restored_from = trainer.step
+        self.tracker.set_tags({"rgan.model": trainer.model_summary})
+        if self.cfg.checkpoint.resume:
+            # A PBT exploit restarts this trial from another trial's checkpoint, whose optimizers carry that
+            # trial's values: the ones Tune gave this trial must win.
+            t = self.cfg.train
+            for phase, lr in (("g", t.lr_g), ("d", t.lr_d)):
+                trainer.strategy.set_hparams(phase, lr=lr, betas=(t.betas[0], t.betas[1]))
+        self.fault.before_step(trainer.step + 1)
 
-    def __init__(self, cfg: Config, setup: TrialSetup, trial_id: str, reporter: Reporter, describe: dict[str, str]
-                 ) -> None:
-        from rgan_dist.engine.loop import Trainer
-        from rgan_dist.engine.strategy import make_strategy
-        from rgan_dist.tracking import make_tracker, run_tags
+    def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self.fault.before_step(step + 1)
 
-        self.cfg, self.setup, self.trial_id, self.reporter = cfg, setup, trial_id, reporter
-        self.strategy = make_strategy(cfg)
-        s = self.strategy
-        fault = FaultOnce(setup.fault, trial_id, cfg.out_dir, s.rank)
-        run = self
+    def on_eval(self, trainer: Trainer, step: int, results: dict[str, float]) -> None:
+        self.reporter.report(trainer, results)
 
-        class SweepTrainer(Trainer):
-            def train_step(self) -> dict[str, Any]:
-                out = super().train_step()
-                fault.check(self.step)
-                return out
+    def on_end(self, trainer: Trainer, result: TrainResult | None, error: BaseException | None) -> None:
+        from rgan_dist.engine.loop import TrainingDiverged
 
-            def evaluate(self) -> dict[str, float]:
-                result = super().evaluate()
-                run.reporter.report(self, result)
-                return result
-
-        self.tracker = None
-        self.trainer: Trainer | None = None
+        outcome = "error"
         try:
-            extra = {"rgan.sweep": setup.sweep, "rgan.sweep.trial_id": trial_id,
-                     **{f"rgan.sweep.{k}": v for k, v in describe.items()}}
-            if setup.parent_run_id:
-                extra["mlflow.parentRunId"] = setup.parent_run_id
-            if setup.paper:
-                extra["rgan.paper_table"] = setup.paper
-            tags = run_tags(cfg, strategy=s.name, world_size=s.world_size, device=s.device,
-                            extra={**extra, "mlflow.source.name": "rgan sweep"}) if s.is_main else None
-            self.tracker = make_tracker(cfg, s.is_main, tags=tags)
-            self.reporter.run_id = str(getattr(self.tracker, "run_id", "") or "")
-            self.trainer = SweepTrainer(cfg, strategy=s, tracker=self.tracker)
-            self.tracker.set_tags({"rgan.model": self.trainer.model_summary})
-        except BaseException:
-            if self.tracker is not None:
-                self.tracker.close("FAILED")
-            s.close()
-            raise
-        self.reporter.restored_from = self.trainer.step
-        self.reporter.before_send = self._before_send
-        self.finished = False
-        if cfg.checkpoint.resume:
-            _set_optimizer_hparams(self.trainer)
-
-    def _log_checkpoints(self, final: Path | None) -> None:
-        assert self.tracker is not None and self.trainer is not None
-        if final is not None:
-            self.tracker.log_checkpoint(final, "final")
-        self.tracker.log_checkpoint(self.trainer.ckpt.dir / "best.pt", "best")
+            if isinstance(error, TrainingDiverged):
+                # Deterministic: a retry from the last checkpoint would diverge again. Report it as the worst
+                # possible FID (PBT then replaces the trial, ASHA stops it) and end the trial normally.
+                outcome = "diverged"
+                print(f"rgan sweep: trial {self.reporter.trial_id}: {error}", file=sys.stderr, flush=True)
+                self.reporter.report(trainer, {"fid": math.inf}, diverged=1)
+            elif isinstance(error, SystemExit) and error.code in (0, None):
+                # `tune.report` ends a trial that Tune stopped with SystemExit(0): at its last step (the stop
+                # criterion), or early (ASHA), or paused to restart from another trial's checkpoint (PBT).
+                outcome = "completed" if self.finished else "stopped early"
+            elif result is not None and result.interrupted:
+                outcome = "interrupted"
+            elif result is not None:
+                outcome = "completed"
+                if self.reporter.last_step != trainer.step:
+                    trainer.evaluate()  # the final step was not an evaluation step: judge the end too
+        finally:
+            self.tracker.set_tags({"rgan.sweep.outcome": outcome})
 
     def _before_send(self, trainer: Trainer, path: Path | None) -> None:
         """Tune may end this process as soon as it has a report (the last one: the stop criterion; or one a
         scheduler stops the trial at), without waiting for this thread: what the run still owes MLflow
         (the last step's samples and checkpoints, queued metrics) is done before the report leaves."""
-        assert self.tracker is not None
         if trainer.step >= self.cfg.train.steps and not self.finished:
             self.finished = True
             if not trainer.samples or not trainer.samples[-1].stem.endswith(f"{trainer.step:07d}"):
                 trainer.save_samples()
-            self._log_checkpoints(path)
+            if path is not None:
+                self.tracker.log_checkpoint(path, "final")
+            self.tracker.log_checkpoint(trainer.ckpt.dir / "best.pt", "best")
             self.tracker.set_tags({"rgan.sweep.outcome": "completed"})
         flush = getattr(self.tracker, "flush", None)
         if flush is not None:
             flush(FLUSH_TIMEOUT_S)
 
-    def run(self) -> None:
-        from rgan_dist.engine.loop import TrainingDiverged
 
-        trainer, tracker = self.trainer, self.tracker
-        assert trainer is not None and tracker is not None
-        status, outcome = "FAILED", "error"
-        try:
-            result = trainer.fit()
-            if not result.interrupted and self.reporter.last_step != trainer.step:
-                trainer.evaluate()  # the final step was not an evaluation step: judge the end too
-            if result.interrupted:
-                status, outcome = "KILLED", "interrupted"
-            else:
-                status, outcome = "FINISHED", "completed"
-                if not self.finished:
-                    self._log_checkpoints(result.checkpoint)
-        except TrainingDiverged as e:
-            # Deterministic: a retry from the last checkpoint would diverge again. Report it as the worst
-            # possible FID (PBT then replaces the trial, ASHA stops it) and end the trial normally.
-            outcome = "diverged"
-            print(f"rgan sweep: trial {self.trial_id}: {e}", file=sys.stderr, flush=True)
-            self.reporter.report(trainer, {"fid": math.inf}, diverged=1)
-        except SystemExit as e:
-            # `tune.report` ends a trial that Tune stopped with SystemExit(0): at its last step (the stop
-            # criterion), or early (ASHA), or paused to restart from another trial's checkpoint (PBT).
-            if e.code not in (0, None):
-                raise
-            status, outcome = "FINISHED", "completed" if self.finished else "stopped early"
-            raise
-        finally:
-            tracker.set_tags({"rgan.sweep.outcome": outcome})
-            tracker.close(status)
-            self.strategy.close()
+def run_trial(cfg: Config, setup: TrialSetup, reporter: Reporter, describe: dict[str, str],
+              release: Callable[[], None] = lambda: None) -> None:
+    """One trial's training through `engine.loop.train`, in an MLflow run nested under the sweep's parent.
+
+    The tracker is made here, not by the Trainer, because the child run must carry the sweep's tags
+    (`mlflow.parentRunId` among them) from its creation."""
+    from rgan_dist.engine import make_strategy
+    from rgan_dist.engine.loop import TrainingDiverged, train
+    from rgan_dist.tracking import make_tracker, run_tags
+
+    s = make_strategy(cfg)
+    try:
+        fault = FaultOnce(setup.fault, reporter.trial_id, cfg.out_dir, s.rank)
+        extra = {"rgan.sweep": setup.sweep, "rgan.sweep.trial_id": reporter.trial_id,
+                 **{f"rgan.sweep.{k}": v for k, v in describe.items()}, "mlflow.source.name": "rgan sweep"}
+        if setup.parent_run_id:
+            extra["mlflow.parentRunId"] = setup.parent_run_id
+        if setup.paper:
+            extra["rgan.paper_table"] = setup.paper
+        tags = run_tags(cfg, strategy=s.name, world_size=s.world_size, device=s.device, extra=extra) \
+            if s.is_main else None
+        tracker = make_tracker(cfg, s.is_main, tags=tags)
+    except BaseException:
+        s.close()
+        raise
+    reporter.run_id = str(getattr(tracker, "run_id", "") or "")
+    try:
+        train(cfg, s, callbacks=[TrialHooks(cfg, reporter, tracker, fault, release)], tracker=tracker)
+    except TrainingDiverged:
+        pass  # reported by on_end as the worst FID; the trial ends normally
+    finally:
+        tracker.close("FAILED")  # a no-op once `train()` closed it; else the Trainer could not be built
 
 
-def _restore_folder(checkpoint: Any) -> contextlib.AbstractContextManager[str | None]:
-    return checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+def _run(setup: TrialSetup, trial_id: str, config: dict[str, Any], checkpoint: Any, report_fn: Callable[..., None],
+         checkpoint_cls: Any) -> None:
+    """A trial (or one worker of it) from Tune's sampled `config`, resuming from Ray's `checkpoint` if any.
+    Ray's checkpoint folder stays open only until the Trainer has loaded it (`TrialHooks.on_start`)."""
+    with contextlib.ExitStack() as ray_folder:
+        folder = ray_folder.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
+        cfg = setup.trial_config(trial_id, config, folder)
+        reporter = Reporter(report_fn, checkpoint_cls, trial_id=trial_id)
+        run_trial(cfg, setup, reporter, describe_trial(config), release=ray_folder.close)
 
 
 def trial_main(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -281,23 +277,15 @@ def trial_main(config: dict[str, Any], setup: TrialSetup) -> None:
     if setup.workers > 1:
         _run_distributed_trial(config, setup, trial_id)
         return
-    with _restore_folder(tune.get_checkpoint()) as folder:
-        cfg = setup.trial_config(trial_id, config, folder)
-        job = TrialRun(cfg, setup, trial_id, Reporter(tune.report, tune.Checkpoint), describe_trial(config))
-    job.run()
+    _run(setup, trial_id, config, tune.get_checkpoint(), tune.report, tune.Checkpoint)
 
 
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Each Ray Train worker of a multi-worker trial (DDP/DeepSpeed; the process group is Ray's)."""
     import ray.train
 
-    setup: TrialSetup = loop_config["setup"]
-    trial_id: str = loop_config["trial_id"]
-    config: dict[str, Any] = loop_config["config"]
-    with _restore_folder(ray.train.get_checkpoint()) as folder:
-        cfg = setup.trial_config(trial_id, config, folder)
-        job = TrialRun(cfg, setup, trial_id, Reporter(ray.train.report, ray.train.Checkpoint), describe_trial(config))
-    job.run()
+    _run(loop_config["setup"], loop_config["trial_id"], loop_config["config"], ray.train.get_checkpoint(),
+         ray.train.report, ray.train.Checkpoint)
 
 
 def _run_distributed_trial(config: dict[str, Any], setup: TrialSetup, trial_id: str) -> None:
