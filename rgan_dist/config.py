@@ -44,8 +44,8 @@ EVAL_METRICS = ("fid", "kid", "modes")
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
     """A config field: default, one help line, and optional `choices`/`min`/`max`/`min_exclusive`."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -203,43 +203,71 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML at `path` (following `extends:`), then `section.key=value` overrides."""
     raw: dict[str, Any] = _read_yaml_chain(Path(path)) if path else {}
-    for item in overrides:
+    return config_from_dict(raw, values=parse_overrides(overrides))
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`section.key=value` strings as `{section.key: value}`, each value read as YAML (`[0.5, 0.9]`, `1e-4`)."""
+    out: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr_d=1e-4")
-        section, _, name = key.strip().partition(".")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"override {item!r}: {section!r} is not a section")
         try:
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:  # e.g. a truncated inline {...}: keep the text, the key's own check reports it
             parsed = value
-        raw[section][name] = parsed
-    return config_from_dict(raw)
+        out[key.strip()] = parsed
+    return out
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], where: str = "config", values: dict[str, Any] | None = None) -> Config:
+    """A checked Config from sections (`{train: {steps: ...}}`), with `values` (`{section.key: value}`) set on top.
+
+    `values` is how anything that varies a config does it (overrides, a sweep's search space and trials), so
+    their keys meet the same checks, and the same one-line errors, as a config file's."""
+    raw = copy.deepcopy(raw)
+    for key, value in (values or {}).items():
+        section, dot, name = key.partition(".")
+        if not dot or not section or not name:
+            raise ConfigError(f"{where}: {key!r}: expected section.key, e.g. train.lr_d")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{where}: {key}={value!r}: {section!r} is not a section")
+        raw[section][name] = value
     cfg = Config()
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    for section, values in raw.items():
+    for section, entries in raw.items():
         if section not in sections:
             raise ConfigError(f"{where}: unknown section {section!r}; allowed: {', '.join(sections)}")
-        if values is None:
+        if entries is None:
             continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {values!r}")
-        target = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        hints = typing.get_type_hints(type(target))
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(
-                    f"{where}: unknown key {section}.{key}; allowed in {section}: {', '.join(fields)}"
-                )
-            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key], fields[key].metadata))
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {entries!r}")
+        fill_section(getattr(cfg, section), entries, where, section)
     _check_consistency(cfg)
     return cfg
+
+
+def fill_section(target: Any, values: dict[str, Any], where: str, section: str = "") -> None:
+    """Set a section's fields (a dataclass of `_f` fields) from a mapping: unknown keys, types, choices and
+    ranges checked, each error naming `section.key`. A field that is itself a dataclass is a sub-section
+    (a mapping, filled the same way). Other config-like files (a sweep file's own settings) use it too, so
+    there is one validator."""
+    fields = {f.name: f for f in dataclasses.fields(target) if f.init}
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        name = f"{section}.{key}" if section else key
+        if key not in fields:
+            shown = name if section else repr(key)
+            raise ConfigError(f"{where}: unknown key {shown}; allowed{f' in {section}' if section else ''}: "
+                              f"{', '.join(fields)}")
+        if dataclasses.is_dataclass(hints[key]):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}: {name} must be a mapping of keys, got {value!r}")
+            fill_section(getattr(target, key), value or {}, where, name)
+            continue
+        setattr(target, key, _coerce(name, value, hints[key], fields[key].metadata))
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -276,6 +304,10 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
     """Convert a YAML value to the field's type, or fail naming the key, the value and what is allowed."""
     origin = typing.get_origin(hint)
+    if origin is dict:  # a mapping whose entries its owner checks (a sweep's search space)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list | tuple):

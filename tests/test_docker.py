@@ -126,7 +126,7 @@ def test_the_build_context_keeps_what_the_build_reads_and_drops_run_outputs():
                 if p.strip() and not p.startswith("#")]
     assert not any(p.startswith("!") for p in patterns)  # _ignored does not model exceptions
     needed = ["pyproject.toml", "README.md", "scripts/setup.sh", "requirements/constraints.txt",
-              "rgan_dist/__init__.py", "rgan_dist/sweep.py", "launcher/cli.py", "launcher/sweep.py",
+              "rgan_dist/__init__.py", "rgan_dist/sweep/__init__.py", "launcher/cli.py", "launcher/sweep.py",
               "data_pipeline/__init__.py", "configs/base.yaml", "configs/sweeps/smoke.yaml",
               "configs/paper/reference_fid.toml"]
     for path in needed:

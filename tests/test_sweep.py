@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from launcher import sweep as sweep_cli
-from rgan_dist.config import Config
+from rgan_dist.config import Config, load_config
 from rgan_dist.errors import ConfigError, UsageError
 from rgan_dist.paper_reference import beside_paper, get_table, paper_fid
 from rgan_dist.sweep import (
@@ -117,7 +117,7 @@ def test_paper_reference_reads_mlflow_string_params():
 
 BAD = {
     "unknown top key": ({"schedule": {"name": "asha"}}, "unknown key 'schedule'"),
-    "unknown config key": ({"space": {"train.lr": {"grid": [1e-4]}}}, "space.train.lr: unknown config key"),
+    "unknown config key": ({"space": {"train.lr": {"grid": [1e-4]}}}, "space.train.lr: unknown key train.lr"),
     "unknown distribution": ({"space": {"train.lr_d": {"between": [1e-4, 1e-3]}}}, "expected one of grid, choice"),
     "loguniform at zero": ({"space": {"train.lr_d": {"loguniform": [0, 1e-3]}}}, "loguniform needs low > 0"),
     "value out of range": ({"space": {"train.lr_d": {"grid": [2e-4, -1.0]}}}, "train.lr_d=-1.0: must be > 0.0"),
@@ -144,6 +144,52 @@ def test_bad_sweep_files_fail_before_ray_with_one_line(tmp_path, case):
         load_sweep(path)
     text = str(e.value)
     assert message in text and "bad.yaml" in text and "\n" not in text
+
+
+def _sweep_error(path: Path, **fields) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write_sweep(path, **fields))
+    return str(e.value)
+
+
+def _config_error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, list(overrides))
+    return str(e.value).removeprefix("config: ")
+
+
+def test_a_sweep_file_speaks_the_training_configs_language(tmp_path):
+    """One config language: an unknown key or a bad value in the space, the fixed overrides or a PBT mutation
+    is config.py's own one-line error (after the file and the place in it), the one `rgan train` gives."""
+    bad = tmp_path / "bad.yaml"
+    assert f"bad.yaml': space.train.lr: {_config_error('train.lr=1')}" in _sweep_error(bad, space={"train.lr": 1})
+    assert _config_error("train.nope=1") in _sweep_error(bad, overrides={**TINY, "train.nope": 1})
+    assert _config_error("loss.name=xgan") in _sweep_error(bad, space={"loss.name": {"grid": ["rsgan", "xgan"]}})
+    assert _config_error("trian.steps=1") in _sweep_error(bad, space={"g": {"grid": [{"trian.steps": 1}]}})
+    pbt = {"name": "pbt", "mutations": {"train.lr_g": [1e-3, -1.0]}}
+    assert _config_error("train.lr_g=-1.0") in _sweep_error(bad, scheduler=pbt)
+
+
+SETTINGS = {
+    "unknown setting": ({"num_sample": 2}, "unknown key 'num_sample'; allowed: name, base,"),
+    "unknown scheduler setting": ({"scheduler": {"name": "asha", "grace": 10}},
+                                  "unknown key scheduler.grace; allowed in scheduler: name, grace_period,"),
+    "setting below its minimum": ({"num_samples": 0}, "num_samples=0: must be >= 1"),
+    "setting of the wrong type": ({"resources": {"workers": 1.5}}, "resources.workers=1.5: expected an integer"),
+    "flag that is no flag": ({"scheduler": {"name": "pbt", "synch": "yes"}}, "scheduler.synch='yes': expected true"),
+    "factor out of range": ({"scheduler": {"name": "asha", "reduction_factor": 1}},
+                            "scheduler.reduction_factor=1: must be > 1.0"),
+    "section that is no mapping": ({"resources": 4}, "resources must be a mapping of keys"),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS), ids=list(SETTINGS))
+def test_sweep_settings_are_a_config_section_checked_like_training_ones(tmp_path, case):
+    """The sweep's own settings are typed `_f` fields filled by config.py's `fill_section`: the same checks
+    and the same one-line errors as a training config's sections."""
+    fields, message = SETTINGS[case]
+    text = _sweep_error(tmp_path / "bad.yaml", **fields)
+    assert text.startswith("sweep '") and "bad.yaml': " in text and message in text and "\n" not in text
 
 
 def test_cli_turns_a_bad_sweep_into_exit_code_2(tmp_path, capsys):
@@ -309,7 +355,7 @@ def test_command_line_overrides_beat_the_sweep_file():
     spec = load_sweep(SWEEPS / "smoke.yaml", ["train.steps=40", "eval.num_samples=16"])
     assert (spec.base_config.train.steps, spec.base_config.eval.num_samples) == (40, 16)  # the file says 20, 8
     assert make_scheduler(spec)._max_t == 40
-    with pytest.raises(ConfigError, match="overrides.train.step: unknown config key"):
+    with pytest.raises(ConfigError, match="overrides: unknown key train.step"):
         load_sweep(SWEEPS / "smoke.yaml", ["train.step=40"])
 
 
@@ -338,7 +384,7 @@ def test_pbt_restarts_the_worse_trial_from_the_better_ones_checkpoint(ray_local,
 
 
 def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_address(capsys):
-    from rgan_dist.sweep import _cluster_uri
+    from rgan_dist.sweep.driver import _cluster_uri
 
     uri = _cluster_uri("http://localhost:5000")
     assert uri.startswith("http://") and uri.endswith(":5000") and "localhost" not in uri

@@ -1,0 +1,152 @@
+"""The driver: one Ray Tune run for a checked sweep (or its continuation), then the results table."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rgan_dist.errors import UsageError
+from rgan_dist.sweep.parent import ParentRun
+from rgan_dist.sweep.results import TrialRow, collect_rows, write_results
+from rgan_dist.sweep.space import make_scheduler, param_space
+from rgan_dist.sweep.spec import SweepConfig
+from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, TrialSetup, trial_main
+
+TRIAL_DRIVER_CPUS = 0.01  # the Tune function of a multi-worker trial only waits on its TorchTrainer
+
+
+@dataclass
+class SweepResult:
+    rows: list[TrialRow]
+    table: str
+    files: list[Path]
+    experiment_path: str
+    parent_run_id: str | None
+    results: Any = None  # Tune's ResultGrid
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus)
+
+
+def _cluster_uri(uri: str) -> str:
+    """On a cluster, trials run on other nodes: an MLflow server named `localhost` is this (the head) node,
+    so they get its address instead; a SQLite file is local to each node, which splits the sweep's runs."""
+    import ray
+
+    m = re.match(r"^(https?://)(localhost|127\.0\.0\.1)(?=[:/]|$)(.*)$", uri)
+    if m:
+        return f"{m.group(1)}{ray.util.get_node_ip_address()}{m.group(3)}"
+    if uri.startswith("sqlite:"):
+        print(f"rgan sweep: warning: MLflow store {uri} is a file on this node; trials on other nodes cannot log "
+              f"to it. Start an MLflow server (the cluster YAMLs do, on port 5000) and pass "
+              f"tracking.mlflow_uri=http://localhost:5000", file=sys.stderr, flush=True)
+    return uri
+
+
+def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False,
+              verbose: int = 1) -> SweepResult:
+    """Run (or, with `resume`, continue) the sweep and write its table. Uses the Ray instance this process
+    is already connected to, else connects to `address` (`auto`: the cluster this node belongs to), else
+    starts a local one with `num_cpus`."""
+    from ray import tune
+
+    from rgan_dist.tracking import resolve_store
+
+    exp_path = spec.experiment_path
+    _init_ray(address, num_cpus)
+    if address and not spec.storage:
+        print(f"rgan sweep: warning: the sweep file sets no `storage:`; on a multi-node cluster trial checkpoints "
+              f"then stay on the node that wrote them ({exp_path}), so a trial restarted elsewhere, and --resume, "
+              f"cannot find them. Set storage: s3://BUCKET/rgan-sweeps or a folder every node mounts.",
+              file=sys.stderr, flush=True)
+    can_restore = tune.Tuner.can_restore(exp_path)
+    if resume and not can_restore:
+        raise UsageError(f"rgan sweep --resume: no sweep to continue at {exp_path}; run it without --resume")
+    if not resume and can_restore:
+        raise UsageError(f"sweep {spec.name!r} already ran in {exp_path}: pass --resume to continue it, or give "
+                         f"it another name (--name) to start afresh")
+    cfg = spec.base_config
+    parent: ParentRun | None = None
+    uri = ""
+    if cfg.tracking.enabled:
+        uri, artifacts = resolve_store(cfg.tracking.mlflow_uri)
+        if address:
+            uri = _cluster_uri(uri)
+        try:
+            parent = ParentRun(spec, uri, artifacts, resume=resume)
+        except Exception as e:  # tracking must never stop a sweep
+            print(f"rgan sweep: warning: MLflow at {uri} failed ({type(e).__name__}: {e}); trials still log to "
+                  f"their metrics.jsonl", file=sys.stderr, flush=True)
+    res = spec.resources
+    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(), out_dir=spec.out_dir, mlflow_uri=uri,
+                       experiment=cfg.tracking.experiment, parent_run_id=parent.run_id if parent else None,
+                       paper=spec.paper, workers=res.workers, cpus_per_worker=res.cpus_per_worker,
+                       gpus_per_worker=res.gpus_per_worker, max_failures=spec.max_failures,
+                       train_storage=f"{exp_path.rstrip('/')}/train",
+                       fault=os.environ.get(SWEEP_FAULT_ENV, ""))
+    if res.workers > 1:
+        # The trial function only drives a TorchTrainer, whose workers hold the resources (Ray refuses a
+        # request of nothing at all, hence a sliver of a CPU).
+        trial_resources: dict[str, float] = {"cpu": TRIAL_DRIVER_CPUS}
+    else:
+        trial_resources = {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+    trainable = tune.with_resources(tune.with_parameters(trial_main, setup=setup), trial_resources)
+    if resume:
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=make_scheduler(spec),
+                                        num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent_trials or None,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=spec.name if spec.storage else spec.out_path.name, storage_path=spec.storage_path,
+                # A trial's last report ends it before any scheduler sees it (PBT would otherwise still
+                # exploit at the final step, and ASHA stops everything at max_t anyway).
+                stop={"step": cfg.train.steps},
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # PBT restores trials from other trials' checkpoints, possibly after those reported again:
+                # keep them all there; elsewhere a trial only ever resumes from its own latest.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler.name == "pbt" else 2),
+                verbose=verbose),
+        )
+    status = "FAILED"
+    results = None
+    rows: list[TrialRow] = []
+    files: list[Path] = []
+    table = ""
+    try:
+        results = tuner.fit()
+        rows = collect_rows(results, spec)
+        table, files = write_results(rows, spec)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if parent is not None:
+            try:
+                parent.finish(rows, files, status)
+            except Exception as e:
+                print(f"rgan sweep: warning: could not finish the MLflow parent run ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
+    return SweepResult(rows=rows, table=table, files=files, experiment_path=exp_path,
+                       parent_run_id=parent.run_id if parent else None, results=results)

@@ -1,0 +1,275 @@
+"""The sweep file: a typed config section (`SweepConfig`), read and checked by the training config's own
+machinery (`rgan_dist.config`) before Ray starts.
+
+There is one config language. The sweep's settings are `_f` fields filled by `config.fill_section`, so a
+wrong type, value or unknown key fails exactly as in a training config; fixed overrides, every value of
+the search space and every PBT mutation are set on the base config with `config_from_dict(values=...)`,
+so an unknown key or a bad value is config.py's own one-line error, prefixed with where in the sweep file
+it stands. What stays here is what only a sweep has: the shape of the space and cross-checks between the
+sweep's settings and the training config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rgan_dist.config import Config, _f, config_from_dict, fill_section, load_config, parse_overrides
+from rgan_dist.errors import ConfigError, UsageError
+from rgan_dist.sweep.space import _as_overrides, _candidates, _distribution, _err
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+SCHEDULERS = ("fifo", "asha", "pbt")
+# Keys PBT may change on a running trial: anything that keeps parameter shapes, data and bookkeeping.
+PBT_MUTABLE_SECTIONS = ("loss", "train")
+PBT_IMMUTABLE_KEYS = ("train.steps", "train.seed", "train.batch_size")
+PATH_KEYS = ("data.shards", "dist.deepspeed_config", "eval.inception")  # resolved on the driver
+
+
+@dataclass
+class ResourcesConfig:
+    workers: int = _f(1, "Training processes per trial; > 1 runs a Ray Train TorchTrainer (dist.strategy "
+                         "ddp or deepspeed).", min=1)
+    cpus_per_worker: float = _f(1.0, "CPUs per training process.", min=0.0)
+    gpus_per_worker: float = _f(0.0, "GPUs per training process.", min=0.0)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = _f("fifo", "fifo (every trial to the end), asha (stop bad trials early) or pbt.", choices=SCHEDULERS)
+    grace_period: int = _f(0, "ASHA: steps before a trial may be stopped (0: eval.every).", min=0)
+    reduction_factor: float = _f(2.0, "ASHA: keep 1/reduction_factor of the trials at each rung.", min_exclusive=1.0)
+    max_t: int = _f(0, "ASHA: steps of a full trial (0: train.steps).", min=0)
+    perturbation_interval: int = _f(0, "PBT: steps between exploit/explore (0: eval.every).", min=0)
+    mutations: dict[str, Any] = _f({}, "PBT: config key -> list of values or a distribution ({loguniform: [lo, hi]}).")
+    quantile_fraction: float = _f(0.25, "PBT: fraction of trials that exploit / are exploited.", min=0.0, max=0.5)
+    resample_probability: float = _f(0.25, "PBT: chance a mutation resamples instead of perturbing.", min=0.0,
+                                     max=1.0)
+    synch: bool = _f(False, "PBT: every trial waits at each interval (reproducible, slower).")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep file (format: configs/sweeps/smoke.yaml). After `load_sweep`: checked, `name` set, paths
+    (base, out_dir, storage, path values in the space) absolute, and `base_config` the trials' common config."""
+
+    name: str = _f("", "The sweep's name: Ray experiment, MLflow parent run, output folder (default: file name).")
+    base: str = _f("", "The training config every trial starts from (relative to this file). Required.")
+    overrides: dict[str, Any] = _f({}, "Fixed `section.key: value` changes to the base, for every trial.")
+    space: dict[str, Any] = _f({}, "What varies: config keys (or groups of them) to values or distributions. Required.")
+    num_samples: int = _f(1, "Repeats of the grid (random keys are drawn anew each time).", min=1)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_concurrent_trials: int = _f(0, "Trials at once (0: as many as the resources allow).", min=0)
+    max_failures: int = _f(2, "Retries of a failed trial, each from its last checkpoint.", min=0)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    out_dir: str = _f("runs/sweeps/{name}", "Trial outputs, the Ray experiment and results.{md,csv,json}.")
+    storage: str = _f("", "Ray storage for the experiment and trial checkpoints (shared folder or s3://...); "
+                          "default: out_dir's parent. Needed on a multi-node cluster.")
+    paper: str = _f("", "A table of configs/paper/reference_fid.toml to print beside ours (cifar10, cat, ...).")
+    # Set by `load_sweep`, never by the file:
+    path: Path = field(default=Path(), init=False)
+    base_config: Config = field(default_factory=Config, init=False)  # base + fixed overrides, paths absolute
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def experiment_path(self) -> str:
+        """Where Tune keeps the experiment (what `Tuner.restore` reads)."""
+        return f"{self.storage.rstrip('/')}/{self.name}" if self.storage else self.out_dir
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage or str(self.out_path.parent)
+
+    @property
+    def varied_keys(self) -> list[str]:
+        return list(self.space) + [k for k in self.scheduler.mutations if k not in self.space]
+
+
+def find_file(path: str | Path) -> Path:
+    """`path` as given, else relative to the source checkout: `ray submit` runs the sweep script on the
+    head node from another working directory, where `configs/...` is found next to the package."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.is_file() else p
+
+
+@contextlib.contextmanager
+def _at(where: str) -> Iterator[None]:
+    """config.py's errors name the key and the value; this puts the sweep file (and the part of it) in front."""
+    try:
+        yield
+    except ConfigError as e:
+        raise _err(where, str(e).removeprefix("config: ")) from None
+
+
+def _checked(cfg: Config, values: dict[str, Any], where: str) -> Config:
+    """`cfg` with `values` (`section.key -> value`) set, checked by the config system."""
+    with _at(where):
+        return config_from_dict(cfg.to_dict(), values=values)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, name: str | None = None
+               ) -> SweepConfig:
+    """Read and check a sweep file. `overrides` (`section.key=value`, the command line) change the base
+    config of every trial, over the file's own `overrides`; the space still sets what it varies. Every
+    error is one line naming the file and the key."""
+    p = find_file(path)
+    where = f"sweep {str(path)!r}"
+    if not p.is_file():
+        raise UsageError(f"{where}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise _err(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise _err(where, "top level must be a mapping")
+    spec = SweepConfig()
+    with _at(where):
+        fill_section(spec, data, "config")
+    if not spec.base or not spec.space:
+        raise _err(where, "needs `base:` (a training config) and `space:` (what varies)")
+    spec.name = name or spec.name or p.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
+        raise _err(where, f"name {spec.name!r}: use letters, digits, '-', '_' or '.'")
+    spec.path = p
+    spec.base = str(p.parent / spec.base)
+    with _at(f"{where}: base"):
+        cfg = load_config(spec.base)
+    with _at(f"{where}: overrides"):
+        cfg = config_from_dict(cfg.to_dict(), values={**spec.overrides, **parse_overrides(overrides)})
+    cfg = spec.base_config = _absolute_paths(cfg)
+    _check_space(spec.space, cfg, f"{where}: space")
+    spec.space = _absolute_space(spec.space)
+    _check_against_training(spec, cfg, where)
+    spec.out_dir = os.path.abspath(Path(spec.out_dir.replace("{name}", spec.name)).expanduser())
+    if spec.storage and "://" not in spec.storage:
+        spec.storage = os.path.abspath(Path(spec.storage).expanduser())
+    return spec
+
+
+def _check_against_training(spec: SweepConfig, cfg: Config, where: str) -> None:
+    """What the sweep's settings need of the training config, and of each other."""
+    res, sched = spec.resources, spec.scheduler
+    if cfg.eval.every <= 0:
+        raise _err(f"{where}: eval.every", "trials report FID to Tune at every evaluation: set eval.every > 0 "
+                                           "(e.g. in overrides)")
+    if res.workers > 1 and cfg.dist.strategy == "single":
+        raise _err(f"{where}: resources.workers={res.workers}", "needs dist.strategy ddp or deepspeed "
+                                                                 "(set it in overrides)")
+    if res.workers > 1 and sched.name == "pbt":
+        raise _err(f"{where}: scheduler.name=pbt", "PBT restarts trials from other trials' checkpoints, which "
+                                                   "multi-worker trials do not support: use asha or fifo")
+    _check_scheduler(sched, cfg, f"{where}: scheduler")
+    if spec.paper:
+        from rgan_dist.paper_reference import table_names
+
+        if spec.paper not in table_names():
+            raise _err(f"{where}: paper", f"{spec.paper!r} unknown; choose one of {', '.join(table_names())}")
+
+
+def _absolute_path(value: Any) -> Any:
+    """A file path made absolute (relative to the driver's working directory, or to the source checkout
+    when only found there), so trials find it from any working directory and node."""
+    if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+.-]*:", value) or value.startswith("{"):
+        return value  # sklearn:digits, pipe:..., http://..., s3://..., inline JSON
+    p = Path(value).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        p = REPO_ROOT / p
+    return os.path.abspath(p)
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    flat = cfg.flat()
+    return config_from_dict(cfg.to_dict(), values={key: _absolute_path(flat[key]) for key in PATH_KEYS})
+
+
+def _absolute_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The space with every value of a path key (also inside groups and distributions) made absolute."""
+
+    def fix_entry(key: str, spec: Any) -> Any:
+        if "." in key:
+            if key not in PATH_KEYS:
+                return spec
+            if isinstance(spec, dict) and len(spec) == 1 and isinstance(next(iter(spec.values())), list):
+                kind, values = next(iter(spec.items()))
+                return {kind: [_absolute_path(v) for v in values]}
+            return _absolute_path(spec)
+        if isinstance(spec, dict) and len(spec) == 1 and isinstance(next(iter(spec.values())), list):
+            kind, values = next(iter(spec.items()))
+            return {kind: [{k: (_absolute_path(v) if k in PATH_KEYS else v) for k, v in item.items()}
+                           if isinstance(item, dict) else item for item in values]}
+        return spec
+
+    return {key: fix_entry(key, spec) for key, spec in space.items()}
+
+
+def _check_space(space: dict[str, Any], cfg: Config, where: str) -> None:
+    """Each entry's shape, every value it can take (a range: both ends) on the base, and every grid
+    combination: all through the config system, so a bad key or value fails here, not in a trial."""
+    grids: list[list[dict[str, Any]]] = []
+    for key, spec in space.items():
+        at = f"{where}.{key}"
+        kind, values = _distribution(spec, at)
+        if "." not in key:
+            if kind not in ("grid", "choice"):
+                raise _err(at, f"a group (a name without a dot) takes {{grid: [...]}} or {{choice: [...]}} of "
+                               f"mappings of config keys, got {spec!r}")
+            for item in values:
+                if not isinstance(item, dict) or not item:
+                    raise _err(at, f"each entry of a group is a mapping of config keys, got {item!r}")
+        options = [_as_overrides(key, v) for v in _candidates(kind, values)]
+        for option in options:
+            _checked(cfg, option, at)
+        if kind in ("grid", "fixed"):
+            grids.append(options)
+    combos = math.prod(len(g) for g in grids) if len(grids) > 1 else 0
+    if 0 < combos <= 4096:  # contradictions only a combination shows (e.g. cnn32 with resolution 64)
+        for combo in itertools.product(*grids):
+            merged: dict[str, Any] = {}
+            for part in combo:
+                merged.update(part)
+            _checked(cfg, merged, f"{where} (grid combination {merged})")
+
+
+def _check_scheduler(s: SchedulerConfig, cfg: Config, where: str) -> None:
+    every, steps = cfg.eval.every, cfg.train.steps
+    if s.name == "asha":
+        grace = s.grace_period or every
+        max_t = s.max_t or steps
+        if grace % every:
+            raise _err(f"{where}.grace_period", f"{grace} is not a multiple of eval.every={every} (trials report "
+                                                f"only when they evaluate)")
+        if not grace < max_t:
+            raise _err(f"{where}.grace_period", f"{grace} must be below max_t={max_t} steps, or nothing is stopped")
+    if s.name == "pbt":
+        interval = s.perturbation_interval or every
+        if interval % every:
+            raise _err(f"{where}.perturbation_interval", f"{interval} is not a multiple of eval.every={every}")
+        if not s.mutations:
+            raise _err(f"{where}.mutations", "PBT needs keys to mutate, e.g. {train.lr_d: {loguniform: [1e-5, 1e-3]}}")
+        for key, spec in s.mutations.items():
+            at = f"{where}.mutations.{key}"
+            kind, values = _distribution({"choice": spec} if isinstance(spec, list) else spec, at)
+            if kind in ("grid", "fixed"):
+                raise _err(at, "use a list of values or a distribution (uniform, loguniform, ...)")
+            for v in _candidates(kind, values):
+                _checked(cfg, {key: v}, at)
+            if key.split(".")[0] not in PBT_MUTABLE_SECTIONS or key in PBT_IMMUTABLE_KEYS:
+                raise _err(at, "PBT can change only loss.* and train.* keys that keep a checkpoint loadable "
+                               f"(not {', '.join(PBT_IMMUTABLE_KEYS)})")
+    elif s.mutations:
+        raise _err(f"{where}.mutations", f"only used with name: pbt (got {s.name})")
