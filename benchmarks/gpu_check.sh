@@ -112,7 +112,7 @@ for precision, cl, comp, pen in [tuple((x + ":none").split(":")[:4]) for x in sy
         ips = 2 * batch * steps / dt  # one D batch + one fresh G batch of reals per outer step
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
         print(f"| A throughput | {label} | {ips:.0f} img/s, {1000*dt/steps:.1f} ms/step, warm-up {warm:.1f}s, peak {mem:.1f} GiB |", flush=True)
-        t.s.close(); del t
+        t.strategy.close(); del t
         if dev == "cuda":
             torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     except Exception as e:

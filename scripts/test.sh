@@ -7,4 +7,8 @@ bin="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 export PATH="$bin:$PATH"   # console scripts (rgan, hadolint) even where pyenv shims are stale
 ruff check .
 hadolint Dockerfile
-"$PY" -m pytest "$@"
+status=0
+"$PY" -m pytest "$@" || status=$?
+# Exit 5 is pytest's "collected no test": a typo in -k/-m or a broken testpaths, never a pass.
+[ "$status" -ne 5 ] || echo "test.sh: pytest ran no test (exit 5): check the -k/-m selection" >&2
+exit "$status"

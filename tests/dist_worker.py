@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import TINY  # this script's folder, tests/, is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,8 +35,8 @@ from rgan_dist.engine import make_strategy  # noqa: E402
 from rgan_dist.engine.loop import Trainer  # noqa: E402
 from rgan_dist.engine.state import fingerprints  # noqa: E402
 
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.progress=false",
-        "tracking.enabled=false", "model.channels=1"]
+# base.yaml (load_config(None, ...)) underneath: 3 channels unless told, and MLflow on.
+BASE = [*TINY, "tracking.enabled=false", "model.channels=1"]
 
 
 def _d_step_on(t: Trainer, real: torch.Tensor, fake: torch.Tensor) -> None:
@@ -49,7 +50,7 @@ def leak(out: Path) -> None:
     results, trainers = [], []
     for stage, precision in ((0, "fp32"), (1, "bf16"), (2, "fp32")):
         def trainer(stage: int = stage, precision: str = precision) -> Trainer:
-            cfg = load_config(None, [*TINY, "train.batch_size=8", "dist.strategy=deepspeed",
+            cfg = load_config(None, [*BASE, "train.batch_size=8", "dist.strategy=deepspeed",
                                      f"train.precision={precision}", f"run.out_dir={out}/run",
                                      f'dist.deepspeed_config={{"zero_optimization": {{"stage": {stage}}}}}'])
             return Trainer(cfg, strategy=make_strategy(cfg))
@@ -120,7 +121,7 @@ def _equiv_run(t: _SlicedStreamTrainer) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def equiv(out: Path, overrides: list[str]) -> None:
-    cfg = load_config(None, [*TINY, f"run.out_dir={out}/run", *overrides])
+    cfg = load_config(None, [*BASE, f"run.out_dir={out}/run", *overrides])
     s = make_strategy(cfg)
     try:
         weights = _equiv_run(_SlicedStreamTrainer(cfg, strategy=s))
@@ -151,7 +152,7 @@ def _zero(stage: int) -> str:
 def reference(out: Path) -> None:
     """The one-process side of `deepspeed`'s equivalence runs (single strategy, B=8)."""
     for name, setup in EQUIV_SETUPS.items():
-        cfg = load_config(None, [*TINY, f"run.out_dir={out}/ref-{name}", *EQUIV_COMMON, *setup, "train.batch_size=8"])
+        cfg = load_config(None, [*BASE, f"run.out_dir={out}/ref-{name}", *EQUIV_COMMON, *setup, "train.batch_size=8"])
         torch.save(_equiv_run(_SlicedStreamTrainer(cfg, strategy=make_strategy(cfg))), out / f"ref-{name}.pt")
 
 
@@ -166,7 +167,7 @@ def deepspeed_checks(out: Path) -> None:
     strategies = []
 
     def trainer(cls: type[Trainer], *overrides: str) -> Trainer:
-        cfg = load_config(None, [*TINY, *overrides])
+        cfg = load_config(None, [*BASE, *overrides])
         strategies.append(make_strategy(cfg))
         return cls(cfg, strategy=strategies[-1])
 
@@ -214,7 +215,7 @@ def _spread(module: torch.nn.Module, seed: int) -> None:
 
 
 def grads(out: Path, overrides: list[str]) -> None:
-    cfg = load_config(None, [*TINY, f"run.out_dir={out}/run", *overrides])
+    cfg = load_config(None, [*BASE, f"run.out_dir={out}/run", *overrides])
     s = make_strategy(cfg)
     try:
         t = _SlicedStreamTrainer(cfg, strategy=s)

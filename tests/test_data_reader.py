@@ -243,7 +243,6 @@ def test_http_streaming_matches_local(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches_on_cuda(tmp_path):
     spec = make_shards(tmp_path / "s", [16, 16])
     (cpu_batches,), bpe = epoch_ids(spec, 1, workers=2)

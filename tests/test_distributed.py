@@ -10,112 +10,36 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO, ROOT, free_port
+from jobs import (
+    JOB,
+    assert_ranks_identical,
+    assert_same_training_state,
+    ckpt,
+    deepspeed_launcher,
+    job_env,
+    ok,
+    run_job,
+    torchrun,
+)
 
 from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
 from rgan_dist.config import load_config
 from rgan_dist.engine.deepspeed import deepspeed_config
-from rgan_dist.engine.distributed import LAUNCHER_ENV
 from rgan_dist.engine.faults import FAULT_ENV, parse_faults
 from rgan_dist.engine.loop import train
 from rgan_dist.errors import ConfigError, UsageError
 from rgan_dist.models import build_models
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["model.resolution=16", "model.width=8", "train.batch_size=4", "train.progress=false",
-        "tracking.enabled=false", "train.log_every=1", "train.sample_every=0"]
 # A gradient penalty exercises double backward through the wrapped D; BatchNorm stays in G.
 PENALTY = ["loss.penalty=r1", "model.d_batch_norm=false"]
 ZERO2 = 'dist.deepspeed_config={"zero_optimization": {"stage": 2}}'
-
-
-# ---- helpers --------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in (*LAUNCHER_ENV, FAULT_ENV, "TORCHELASTIC_RESTART_COUNT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-_JOB_LOGS = Path(os.environ.get("RGAN_TEST_JOB_LOGS", "")) if os.environ.get("RGAN_TEST_JOB_LOGS") else None
-
-
-def _run(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a job in its own session; on timeout kill the whole group (torchrun's workers included).
-    With RGAN_TEST_JOB_LOGS=DIR every job's whole output is also kept there (for post-mortems)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"job timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-    if _JOB_LOGS is not None:
-        _JOB_LOGS.mkdir(parents=True, exist_ok=True)
-        (_JOB_LOGS / f"job-{len(list(_JOB_LOGS.iterdir())):03d}-rc{proc.returncode}.log").write_text(
-            " ".join(cmd) + "\n" + out)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
-
-def torchrun(out: Path, *overrides: str, nproc: int = 2, launcher_args: tuple[str, ...] = (),
-             timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *launcher_args, "-m", "launcher", "train", "--config", str(DEMO), *TINY, f"run.out_dir={out}",
-           *overrides]
-    return _run(cmd, timeout=timeout, env=env)
-
-
-def _deepspeed_launcher() -> str:
-    """The `deepspeed` script of this interpreter's environment (pyenv shims can point elsewhere)."""
-    script = Path(sysconfig.get_path("scripts")) / "deepspeed"
-    return str(script) if script.is_file() else "deepspeed"
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-6000:]}"
-    return proc.stdout
-
-
-def ckpt(out: Path, step: int) -> dict:
-    return load_checkpoint(out / "checkpoints" / f"ckpt-{step:08d}.pt")
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    for part in ("G", "D"):
-        assert a["model"][part].keys() == b["model"][part].keys()
-        for k, v in a["model"][part].items():
-            assert torch.equal(v, b["model"][part][k]), f"{part}.{k} differs"
-    for k, v in a["ema"]["module"].items():
-        assert torch.equal(v, b["ema"]["module"][k]), f"EMA {k} differs"
-    assert [r["data"] for r in a["ranks"]] == [r["data"] for r in b["ranks"]]
-    assert [r["fingerprint"] for r in a["ranks"]] == [r["fingerprint"] for r in b["ranks"]]
-
-
-def assert_ranks_identical(state: dict, world: int) -> None:
-    """Each rank hashed its own G, D and EMA parameters at save time: the hashes must all be equal."""
-    ranks = state["ranks"]
-    assert len(ranks) == world == state["world_size"]
-    assert {"G", "D", "EMA"} <= set(ranks[0]["fingerprint"])
-    assert all(r["fingerprint"] == ranks[0]["fingerprint"] for r in ranks)
-    # ...while each rank kept its own noise stream and data slice.
-    assert len({bytes(r["rng"]["gen"].numpy()) for r in ranks}) == world
 
 
 # ---- fast checks (no processes) --------------------------------------------------------------------
@@ -182,13 +106,14 @@ def test_sidecar_folders_are_pruned_with_their_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_ddp_world_of_one_as_a_plain_process(tmp_path):
     """No launcher, no RANK/MASTER_* variables: strategy=ddp fills them in and runs as world size 1."""
-    proc = _run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY, "dist.strategy=ddp",
+    proc = run_job([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *JOB, "dist.strategy=ddp",
                  "train.steps=2", f"run.out_dir={tmp_path}"], timeout=120)
     assert "strategy ddp x1" in ok(proc)
     assert_ranks_identical(ckpt(tmp_path, 2), world=1)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # > its jobs' own timeouts: 3 x 180 s
 def test_ddp_two_ranks_identical_resume_exact_and_loads_single_process(tmp_path, capsys):
     straight = ok(torchrun(tmp_path / "a", "dist.strategy=ddp", *PENALTY, "train.steps=6", "checkpoint.every=3"))
     assert "strategy ddp x2" in straight
@@ -202,7 +127,7 @@ def test_ddp_two_ranks_identical_resume_exact_and_loads_single_process(tmp_path,
         for i, s in a["model"][opt]["state"].items():
             assert torch.equal(s["exp_avg_sq"], b["model"][opt]["state"][i]["exp_avg_sq"])
     # A DDP checkpoint has the plain module keys: single-process code loads it strictly.
-    cfg = load_config(DEMO, TINY)
+    cfg = load_config(DEMO, JOB)
     m = cfg.model
     G, D = build_models(m.arch, resolution=m.resolution, z_dim=m.z_dim, width=m.width, max_width=m.max_width,
                         channels=m.channels, spectral_norm=m.spectral_norm, g_batch_norm=m.g_batch_norm,
@@ -212,13 +137,14 @@ def test_ddp_two_ranks_identical_resume_exact_and_loads_single_process(tmp_path,
     assert not any(k.startswith("module.") for k in a["model"]["G"])
     # ...and a single process resumes training from it (2 ranks -> 1: weights and optimizers exactly; the
     # noise and data order restart from a new seed, as the printed warning says).
-    single = train(load_config(DEMO, [*TINY, *PENALTY, f"run.out_dir={tmp_path / 'single'}", "train.steps=7",
+    single = train(load_config(DEMO, [*JOB, *PENALTY, f"run.out_dir={tmp_path / 'single'}", "train.steps=7",
                                       f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'ckpt-00000006.pt'}"]))
     assert single.step == 7 and load_checkpoint(single.checkpoint)["world_size"] == 1
     assert "written by 2 rank(s), this job has 1" in capsys.readouterr().out
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s
 def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
     """Same global stream of reals and noise, split over 2 ranks (B=4 each) or whole on one process (B=8).
     No BatchNorm (its statistics are per-rank by design) and per-sample losses (rsgan + r1), so the two
@@ -227,9 +153,9 @@ def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
     common = ["loss.name=rsgan", "loss.penalty=r1", "model.g_batch_norm=false", "model.d_batch_norm=false",
               "train.steps=5", "train.ema=0.9"]
     worker = str(ROOT / "tests" / "dist_worker.py")
-    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "equiv",
+    ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "equiv",
              str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
-    ok(_run([sys.executable, worker, "equiv", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ok(run_job([sys.executable, worker, "equiv", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
     ddp, single = torch.load(tmp_path / "equiv-ddp-2.pt"), torch.load(tmp_path / "equiv-single-1.pt")
     for part in ("G", "D", "EMA"):
         for k, v in single[part].items():
@@ -237,6 +163,7 @@ def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s
 def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
     """Ra/Rc losses under DDP, gradient level: one D step and one G step (the Trainer's, gradients taken
     before the optimizer) on 2 ranks x B=4 equal one process on the concatenated 8 with
@@ -246,9 +173,9 @@ def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
     (local)."""
     common = ["model.g_batch_norm=false", "model.d_batch_norm=false"]
     worker = str(ROOT / "tests" / "dist_worker.py")
-    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "grads",
+    ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "grads",
              str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
-    ok(_run([sys.executable, worker, "grads", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ok(run_job([sys.executable, worker, "grads", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
     ddp, single = torch.load(tmp_path / "grads-ddp-2.pt"), torch.load(tmp_path / "grads-single-1.pt")
     for name in ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge"):
         for phase in ("d", "g"):
@@ -266,7 +193,7 @@ def test_sigkill_of_a_worker_restarts_from_latest_checkpoint_and_finishes(tmp_pa
     """The README's recipe: --max-restarts, --resume auto, and torchrun's store not shared with the workers
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; with the shared store a restart can read the dead attempt's
     addresses, pytorch#135712: about one restart in two failed here without it)."""
-    env = _env(**{FAULT_ENV: "kill@5:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    env = job_env(**{FAULT_ENV: "kill@5:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=8", "checkpoint.every=2", "--resume", "auto",
                     launcher_args=("--max-restarts=1",), env=env)
     out = ok(proc)
@@ -281,7 +208,7 @@ def test_sigkill_of_a_worker_restarts_from_latest_checkpoint_and_finishes(tmp_pa
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path):
     proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=8", "checkpoint.every=2",
-                    env=_env(**{FAULT_ENV: "killsave@4:rank0"}))
+                    env=job_env(**{FAULT_ENV: "killsave@4:rank0"}))
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "kill at save 4 on rank 0" in proc.stdout
     d = tmp_path / "checkpoints"
@@ -293,16 +220,17 @@ def test_kill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s, one node after the other
 def test_two_nodes_on_one_machine_train_together(tmp_path):
     """Two torchrun agents (`--nnodes 2 --node_rank 0/1`, one worker each) meet through c10d rendezvous."""
-    port = _free_port()
+    port = free_port()
 
     def node(rank: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                "--rdzv_id=rgan-test", f"--rdzv_conf=is_host={int(rank == 0)}", "-m", "launcher", "train",
-               "--config", str(DEMO), *TINY, "dist.strategy=ddp", "train.steps=3", f"run.out_dir={tmp_path}"]
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+               "--config", str(DEMO), *JOB, "dist.strategy=ddp", "train.steps=3", f"run.out_dir={tmp_path}"]
+        return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
 
     nodes = [node(0), node(1)]
@@ -323,7 +251,7 @@ def test_two_nodes_on_one_machine_train_together(tmp_path):
 @pytest.mark.slow
 def test_a_rank_that_raises_ends_the_job_with_its_traceback(tmp_path):
     proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=200", "dist.timeout_s=60",
-                    env=_env(**{FAULT_ENV: "raise@3:rank1"}), timeout=120)
+                    env=job_env(**{FAULT_ENV: "raise@3:rank1"}), timeout=120)
     assert proc.returncode != 0
     assert "RuntimeError: RGAN_FAULT_INJECT: injected failure at step 3 on rank 1" in proc.stdout
     assert "rank      : 1" in proc.stdout  # torchrun's failure summary names the rank (via @record)
@@ -333,7 +261,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_traceback(tmp_path):
 @pytest.mark.slow
 def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     proc = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=200", "dist.timeout_s=5",
-                    env=_env(**{FAULT_ENV: "hang@2:rank1"}), timeout=120)
+                    env=job_env(**{FAULT_ENV: "hang@2:rank1"}), timeout=120)
     assert proc.returncode != 0
     assert "hang at step 2 on rank 1" in proc.stdout
     assert "imeout" in proc.stdout or "imed out" in proc.stdout, proc.stdout[-3000:]
@@ -345,7 +273,7 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
 def test_deepspeed_g_step_gradients_never_reach_d(tmp_path):
     """Plain process (world of one, no launcher variables), ZeRO-0/1/2, fp32 and bf16: a D update after a
     G step equals the same D update without one; the control (D not frozen) shows the check can fail."""
-    ok(_run([sys.executable, str(ROOT / "tests" / "dist_worker.py"), "leak", str(tmp_path)], timeout=240))
+    ok(run_job([sys.executable, str(ROOT / "tests" / "dist_worker.py"), "leak", str(tmp_path)], timeout=240))
     results = torch.load(tmp_path / "leak.pt")
     assert [(r["stage"], r["precision"]) for r in results] == [(0, "fp32"), (1, "bf16"), (2, "fp32")]
     for r in results:
@@ -354,12 +282,13 @@ def test_deepspeed_g_step_gradients_never_reach_d(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(780)  # > its jobs' own timeouts: 3 x 240 s
 def test_deepspeed_zero2_two_ranks_identical_resume_exact_and_matches_ddp(tmp_path):
     """Straight run under the deepspeed launcher, the split run under torchrun. Exact (bitwise) resume on
     CPU: DeepSpeed restores each rank's fp32 optimizer partition, and the arithmetic is deterministic."""
-    port = _free_port()
-    straight = _run([_deepspeed_launcher(), "--num_gpus=2", f"--master_port={port}", "--no_local_rank", "--module",
-                     "launcher", "train", "--config", str(DEMO), *TINY, f"run.out_dir={tmp_path / 'a'}",
+    port = free_port()
+    straight = run_job([deepspeed_launcher(), "--num_gpus=2", f"--master_port={port}", "--no_local_rank", "--module",
+                     "launcher", "train", "--config", str(DEMO), *JOB, f"run.out_dir={tmp_path / 'a'}",
                      "dist.strategy=deepspeed", ZERO2, *PENALTY, "train.steps=6", "checkpoint.every=3",
                      "checkpoint.keep=1"], timeout=240)
     assert "strategy deepspeed x2" in ok(straight)
@@ -385,6 +314,7 @@ def test_deepspeed_zero2_two_ranks_identical_resume_exact_and_matches_ddp(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 240 + 120 s
 def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf16_resumes_exactly(tmp_path):
     """Every 2-rank DeepSpeed check in one job (`dist_worker.deepspeed_checks`, ~20 s here):
 
@@ -397,9 +327,9 @@ def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf1
     - ZeRO-1 + bf16 (with spectral norm and BatchNorm in D): 3 steps, then a fresh Trainer with fresh engines
       resuming that checkpoint to step 6, equals 6 straight steps bitwise, on every rank."""
     worker = str(ROOT / "tests" / "dist_worker.py")
-    ok(_run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+    ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
              "deepspeed", str(tmp_path)], timeout=240))
-    ok(_run([sys.executable, worker, "reference", str(tmp_path)], timeout=120))
+    ok(run_job([sys.executable, worker, "reference", str(tmp_path)], timeout=120))
     for stage, setup in (1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1"):
         ds, single = torch.load(tmp_path / f"ds-zero{stage}-{setup}.pt"), torch.load(tmp_path / f"ref-{setup}.pt")
         for part in ("G", "D", "EMA"):
@@ -423,7 +353,7 @@ def test_fingerprints_hash_buffers_but_not_batchnorm_statistics(tmp_path):
     from rgan_dist.engine.loop import Trainer
     from rgan_dist.engine.state import fingerprints
 
-    t = Trainer(load_config(DEMO, [*TINY, "model.spectral_norm=true", f"run.out_dir={tmp_path}"]))
+    t = Trainer(load_config(DEMO, [*JOB, "model.spectral_norm=true", f"run.out_dir={tmp_path}"]))
     before = fingerprints(t)
     with torch.no_grad():
         dict(t.strategy.D.named_buffers())["blocks.1.1.running_mean"].add_(1)
@@ -460,7 +390,7 @@ def test_restart_pitfalls_are_warned_about():
 @pytest.mark.slow
 def test_compiled_models_with_a_gradient_penalty(tmp_path):
     """aot_autograd cannot double-backward: the penalty forward runs eager (`run_D_for_penalty`), the rest compiled."""
-    proc = _run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY, *PENALTY,
+    proc = run_job([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *JOB, *PENALTY,
                  "train.compile=true", "train.steps=2", f"run.out_dir={tmp_path}"], timeout=300)
     ok(proc)
     assert ckpt(tmp_path, 2)["step"] == 2
@@ -475,13 +405,13 @@ def test_launch_shapes_are_told_apart_from_what_torchrun_gives_workers(tmp_path)
     worker = tmp_path / "shape.py"
     worker.write_text("import os\nfrom rgan_dist.engine.distributed import static_rendezvous_with_restarts as f\n"
                       "if os.environ['RANK'] == '0':\n    print('STATIC', f(os.environ))\n")
-    shapes = {"standalone": ["--standalone"], "static": ["--nnodes=1", f"--master_port={_free_port()}"],
-              "c10d": ["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}"]}
-    env = _env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=str(ROOT))  # the worker imports this checkout
+    shapes = {"standalone": ["--standalone"], "static": ["--nnodes=1", f"--master_port={free_port()}"],
+              "c10d": ["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}"]}
+    env = job_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONPATH=str(ROOT))  # the worker imports this checkout
     seen = {}
     for name, args in shapes.items():
-        out = ok(_run([sys.executable, "-m", "torch.distributed.run", *args, "--nproc_per_node=2", "--max-restarts=1",
-                       str(worker)], timeout=120, env=env))
+        out = ok(run_job([sys.executable, "-m", "torch.distributed.run", *args, "--nproc_per_node=2",
+                          "--max-restarts=1", str(worker)], timeout=120, env=env))
         seen[name] = [line for line in out.splitlines() if line.startswith("STATIC")]
     assert seen == {"standalone": ["STATIC False"], "static": ["STATIC True"], "c10d": ["STATIC False"]}
 
@@ -490,11 +420,11 @@ def test_launch_shapes_are_told_apart_from_what_torchrun_gives_workers(tmp_path)
 def test_a_restart_under_static_rendezvous_fails_at_once_with_what_works(tmp_path):
     """Before: the restarted workers joined the dead attempt's store (here: a Gloo traceback; reported
     elsewhere: a silent hang for over 7 minutes). Now: a warning at start, and the restart refuses in seconds."""
-    env = _env(**{FAULT_ENV: "kill@3:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master_port={_free_port()}",
-           "--nproc_per_node=2", "--max-restarts=1", "-m", "launcher", "train", "--config", str(DEMO), *TINY,
+    env = job_env(**{FAULT_ENV: "kill@3:rank1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master_port={free_port()}",
+           "--nproc_per_node=2", "--max-restarts=1", "-m", "launcher", "train", "--config", str(DEMO), *JOB,
            f"run.out_dir={tmp_path}", "dist.strategy=ddp", "train.steps=6", "checkpoint.every=2", "--resume", "auto"]
-    proc = _run(cmd, timeout=120, env=env)
+    proc = run_job(cmd, timeout=120, env=env)
     assert proc.returncode != 0
     assert "rgan: warning: torchrun --max-restarts with static rendezvous" in proc.stdout
     assert "kill at step 3 on rank 1" in proc.stdout
@@ -509,9 +439,9 @@ def test_a_restart_under_static_rendezvous_fails_at_once_with_what_works(tmp_pat
 def test_a_rank_whose_peer_never_comes_fails_within_the_init_timeout(tmp_path, rank):
     """Rank 0 waits for a peer that was never started; rank 1 dials a rendezvous nobody hosts. Both stop
     after dist.timeout_s with one line naming the address and the timeout (before: a store traceback)."""
-    env = _env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = job_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *TINY,
+    proc = subprocess.run([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *JOB,
                            "dist.strategy=ddp", "dist.timeout_s=2", f"run.out_dir={tmp_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - t0
@@ -532,7 +462,7 @@ def test_an_init_that_outlives_its_timeout_is_ended_by_the_watchdog(tmp_path):
               "env = {'RANK': '1', 'WORLD_SIZE': '2', 'MASTER_ADDR': 'h', 'MASTER_PORT': '1'}\n"
               "d.init_process_group('gloo', 1, env)\n")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)),
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=job_env(PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.strip().splitlines() == [
@@ -545,7 +475,7 @@ def test_an_init_that_outlives_its_timeout_is_ended_by_the_watchdog(tmp_path):
 def test_two_ranks_agree_to_refuse_or_set_aside_another_runs_folder(tmp_path):
     """The run-folder check is collective: both ranks refuse (and exit, no rank left waiting in a collective),
     or with --overwrite rank 0 moves the old run aside and both train into the cleared folder."""
-    train(load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}", "train.steps=2"]))
+    train(load_config(DEMO, [*JOB, f"run.out_dir={tmp_path}", "train.steps=2"]))
     refused = torchrun(tmp_path, "dist.strategy=ddp", "train.steps=3", "dist.timeout_s=60", timeout=120)
     assert refused.returncode != 0
     lines = [x for x in refused.stdout.splitlines() if x.startswith("rgan train: error:")]

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO, ROOT, TINY, free_port
 from torch import nn
 
 from launcher import evaluate as eval_cli
@@ -30,10 +30,7 @@ from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, digits_reference_stats
 from rgan_dist.metrics.inception import ENV_VAR, InceptionInfo, InceptionNetwork
 from rgan_dist.models import build_models
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.progress=false", "tracking.enabled=false", "train.sample_every=0"]
+BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "tracking.enabled=false", "train.sample_every=0"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +39,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _cfg(tmp_path: Path, *extra: str):
-    return load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}/run", *extra])
+    return load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}/run", *extra])
 
 
 class _Counting(nn.Module):
@@ -167,12 +164,6 @@ def test_reference_statistics_are_cached_by_network_size_and_n(tmp_path):
     assert net.module.seen == 32  # another image size too
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 N, BATCH = 10, 4  # three global batches (4, 4, 2): rank 0 gets one, rank 1 two
 
 
@@ -197,7 +188,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_fid_is_the_same_with_one_and_two_ranks(tmp_path, monkeypatch):
     # separate caches, so both worlds really embed the reference images
     monkeypatch.setenv("RGAN_DATA_CACHE", str(tmp_path / "cache2"))
-    torch.multiprocessing.start_processes(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
                                           join=True, start_method="spawn")
     monkeypatch.setenv("RGAN_DATA_CACHE", str(tmp_path / "cache1"))
     threads = torch.get_num_threads()
@@ -258,7 +249,7 @@ def test_ddp_in_training_fid_equals_one_process_rgan_eval(tmp_path, monkeypatch,
                                                             "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")}
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launcher",
-           "train", "--config", str(DEMO), *TINY, "train.batch_size=4", "dist.strategy=ddp", "train.steps=4",
+           "train", "--config", str(DEMO), *BASE, "train.batch_size=4", "dist.strategy=ddp", "train.steps=4",
            "eval.every=2", "eval.num_samples=10", "eval.batch_size=4", f"run.out_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO, ROOT, TINY
 from torch import nn
 
 from rgan_dist.errors import UsageError
@@ -21,9 +22,6 @@ from rgan_dist.metrics.evaluator import reference_stats
 from rgan_dist.metrics.features import STATS_PREFIX, dataset_stats
 from rgan_dist.metrics.fid import FeatureStats
 from rgan_dist.metrics.inception import InceptionInfo, InceptionNetwork
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -144,15 +142,14 @@ def test_rewritten_shards_recompute_the_reference_statistics(tmp_path):
 
 # ------------------------------------------------------------------ EMA generator's BatchNorm statistics
 
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.progress=false", "tracking.enabled=false", "train.sample_every=0", "checkpoint.every=0",
-        "train.ema=0.9", "eval.batch_size=16"]
+BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "tracking.enabled=false", "train.sample_every=0",
+        "checkpoint.every=0", "train.ema=0.9", "eval.batch_size=16"]
 
 
 def _cfg(tmp_path: Path, *extra: str):
     from rgan_dist.config import load_config
 
-    return load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}/run", *extra])
+    return load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}/run", *extra])
 
 
 def _norms(G: nn.Module) -> list[nn.BatchNorm2d]:

@@ -11,12 +11,12 @@ import argparse
 import hashlib
 import math
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from rgan_dist.errors import UsageError
@@ -214,17 +214,11 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str, folder: str) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_and_two_ranks_give_the_same_fid(net, digits, digit_feats, tmp_path):
     folder = _write_folder(tmp_path / "real", digits[:10])
     torch.multiprocessing.start_processes(
-        _dist_worker, args=(2, _free_port(), str(tmp_path), str(folder)), nprocs=2, join=True, start_method="spawn"
+        _dist_worker, args=(2, free_port(), str(tmp_path), str(folder)), nprocs=2, join=True, start_method="spawn"
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers, so the convolutions sum in the same order

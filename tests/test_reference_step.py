@@ -23,14 +23,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import DEMO, TINY
+from conftest import DEMO, TINY
 from torch import Tensor, nn
 
 from rgan_dist.config import Config, load_config
 from rgan_dist.data import make_batches
 from rgan_dist.engine.loop import Trainer
 
-BASE = [*TINY, "model.z_dim=16", "model.d_batch_norm=false", "data.workers=0"]
+BASE = [*TINY, "train.batch_size=4", "train.log_every=1", "train.sample_every=0", "tracking.enabled=false",
+        "model.d_batch_norm=false", "data.workers=0"]
 # Parameters move ~lr = 2e-4 per step and a wrong gradient changes Adam's update by a good part of that;
 # the two sides differ only in float summation order (measured: at most 2e-7 over every case here).
 ATOL = 1e-6

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO, TINY
 from PIL import Image
 from torch import nn
 
@@ -25,12 +25,9 @@ from rgan_dist.metrics.evaluator import FidEvaluator, digits_reference_stats
 from rgan_dist.metrics.inception import InceptionInfo, InceptionNetwork
 from rgan_dist.report import summarize_experiment, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.progress=false", "train.sample_every=0", "checkpoint.every=0", "tracking.log_checkpoints=none",
-        "tracking.log_fid_stats=false", "train.steps=4", "eval.every=2", "eval.num_samples=16",
-        "eval.batch_size=8", "eval.use_ema=false", "tracking.experiment=paper"]
+BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "checkpoint.every=0",
+        "tracking.log_checkpoints=none", "tracking.log_fid_stats=false", "train.steps=4", "eval.every=2",
+        "eval.num_samples=16", "eval.batch_size=8", "eval.use_ema=false", "tracking.experiment=paper"]
 # different seeds (so different initial generators) and the raw G: four steps must give distinct curves
 VARIANTS = {"run-rsgan": ["loss.name=rsgan", "train.seed=1"],
             "run-rasgan-gp": ["loss.name=rasgan", "loss.penalty=wgan-gp", "model.d_batch_norm=false", "train.seed=2"],
@@ -64,7 +61,7 @@ def store(tmp_path_factory):
     logged = {}
     try:
         for name, extra in VARIANTS.items():
-            cfg = load_config(DEMO, [*TINY, *extra, f"run.name={name}", f"run.out_dir={root}/{name}",
+            cfg = load_config(DEMO, [*BASE, *extra, f"run.name={name}", f"run.out_dir={root}/{name}",
                                      f"tracking.mlflow_uri={uri}"])
             train(cfg, evaluator=_StandInEvaluator(cfg))
             records = [json.loads(x) for x in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]

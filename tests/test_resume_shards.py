@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_distributed import DEMO, TINY, _env, assert_ranks_identical, assert_same_training_state, ckpt, ok, torchrun
+from conftest import DEMO
+from jobs import JOB, assert_ranks_identical, assert_same_training_state, ckpt, job_env, ok, torchrun
 
 from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
 from rgan_dist.config import load_config
@@ -47,7 +48,7 @@ def overrides(shards: Path) -> list[str]:
 @pytest.mark.slow
 def test_exact_resume_from_shards_one_rank(tmp_path, shards):
     def run(out: str, steps: int, *extra: str):
-        return train(load_config(DEMO, [*TINY, *overrides(shards), f"run.out_dir={tmp_path / out}",
+        return train(load_config(DEMO, [*JOB, *overrides(shards), f"run.out_dir={tmp_path / out}",
                                         f"train.steps={steps}", *extra]))
 
     straight = run("a", STEPS)
@@ -75,6 +76,7 @@ def straight_two_ranks(tmp_path_factory, shards) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # > its jobs' own timeouts: 3 x 180 s with the module's reference run
 def test_exact_resume_from_shards_two_ranks(tmp_path, shards, straight_two_ranks):
     ok(torchrun(tmp_path, "dist.strategy=ddp", *overrides(shards), f"train.steps={STEPS // 2}"))
     half = ckpt(tmp_path, STEPS // 2)
@@ -90,13 +92,14 @@ def test_term_fault_spec():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s with the module's reference run
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp_path, shards, straight_two_ranks):
     """A real SIGTERM, sent by rank 1 to itself at the end of step 5 (the fault hook), reaches rank 1
     only: the ranks agree to stop after that same step and write one final checkpoint together."""
     stop = 5
     # A short collective timeout: ranks that failed to agree would otherwise wait the default 10 minutes.
     proc = torchrun(tmp_path, "dist.strategy=ddp", *overrides(shards), f"train.steps={STEPS}", "dist.timeout_s=30",
-                    env=_env(**{FAULT_ENV: f"term@{stop}:rank1"}))
+                    env=job_env(**{FAULT_ENV: f"term@{stop}:rank1"}))
     assert proc.returncode != 0, "an interrupted run must not report success"  # rgan train exits 130
     assert f"term at step {stop} on rank 1" in proc.stdout
     assert f"interrupted at step {stop}; saving a final checkpoint" in proc.stdout

@@ -298,6 +298,7 @@ def test_a_failing_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: a 240 s wait, then the resumed sweep
 def test_a_sweep_continues_after_its_driver_is_killed(ray_local, tmp_path, monkeypatch):
     """SIGKILL the driver (another process on the same Ray) once the first trial has reported; `--resume`
     restores the experiment: both trials end at their last step, under the same MLflow parent run."""

@@ -165,6 +165,7 @@ def test_bad_flags_give_one_line(flags, message, capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(540)  # > its jobs' own timeouts: 300 + 120 + 60 s
 def test_smoke_profile_end_to_end_and_resume(tmp_path):
     """Two variants x two seeds of the smoke profile (measured ~55 s on the 2-core CPU), then the same
     command again: nothing reruns, the report is rebuilt."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO, ROOT, TINY, free_port
 
 from rgan_dist.config import dump_config, load_config
 from rgan_dist.engine.loop import Trainer, train
@@ -32,18 +33,9 @@ from rgan_dist.tracking import (
     resolve_store,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.progress=false", "train.sample_every=3", "checkpoint.every=0"]
+BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "train.sample_every=3", "checkpoint.every=0"]
 LOGGED = {"d_loss", "g_loss", "d_real", "d_fake", "penalty", "img_per_s", "skipped_samples", "bad_steps",
           "d_grad_norm", "g_grad_norm"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
@@ -51,7 +43,7 @@ class Server:
         self.root = root
         self.db = root / "server.db"
         self.artifacts = root / "server-artifacts"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
         with open(root / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
@@ -99,7 +91,7 @@ def _isolated(tmp_path, monkeypatch):
 
 
 def _cfg(tmp_path: Path, *extra: str):
-    return load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}/run", *extra])
+    return load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}/run", *extra])
 
 
 def _jsonl(cfg) -> list[dict]:
@@ -221,7 +213,7 @@ def test_training_survives_the_server_dying_mid_run(tmp_path, server, capfd):
 
 
 def test_unreachable_server_costs_seconds_and_one_warning(tmp_path, capfd):
-    cfg = _cfg(tmp_path, "train.steps=4", f"tracking.mlflow_uri=http://127.0.0.1:{_free_port()}",
+    cfg = _cfg(tmp_path, "train.steps=4", f"tracking.mlflow_uri=http://127.0.0.1:{free_port()}",
                "tracking.experiment=nobody")
     t0 = time.monotonic()
     result = train(cfg)

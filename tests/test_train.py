@@ -9,21 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO, TINY
 
 from rgan_dist.checkpoint import CheckpointManager, load_checkpoint
 from rgan_dist.config import load_config
 from rgan_dist.engine.loop import Trainer, TrainingDiverged, train
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["model.resolution=16", "model.width=8", "model.z_dim=16", "train.batch_size=8", "train.log_every=1",
-        "train.progress=false", "tracking.enabled=false"]
+BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "tracking.enabled=false"]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):
-    return load_config(DEMO, [*TINY, f"run.out_dir={tmp_path}/run", *extra])
+    return load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}/run", *extra])
 
 
+@pytest.mark.timeout(660)  # > its jobs' own timeouts: 2 x 300 s
 def test_demo_cli_runs_a_few_steps(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", "demo", "train.steps=4", "train.sample_every=2", "train.log_every=2",
@@ -200,7 +199,7 @@ def test_a_fresh_run_never_mixes_into_another_runs_folder(tmp_path, capsys):
     train(first)
     out, ckpts = first.out_dir, first.checkpoint_dir
     before = sorted(p.name for p in ckpts.iterdir())
-    argv = ["train", "--config", str(DEMO), *TINY, f"run.out_dir={out}", "train.steps=2", "train.sample_every=2"]
+    argv = ["train", "--config", str(DEMO), *BASE, f"run.out_dir={out}", "train.steps=2", "train.sample_every=2"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -220,7 +219,7 @@ def test_a_fresh_run_never_mixes_into_another_runs_folder(tmp_path, capsys):
     assert sorted(p.name for p in (old / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     assert [p.name for p in (out / "samples").iterdir()] == ["step_0000002.png"]
     # --resume auto is the other way in, and it continues the new run (existing resume tests pin the maths).
-    assert main(["train", "--config", str(DEMO), *TINY, f"run.out_dir={out}", "train.steps=3", "--resume", "auto"]) == 0
+    assert main(["train", "--config", str(DEMO), *BASE, f"run.out_dir={out}", "train.steps=3", "--resume", "auto"]) == 0
     assert _steps(out / "metrics.jsonl") == [1, 2, 3]
 
 
