@@ -77,7 +77,7 @@ def test_d_is_frozen_during_g_step(tmp_path):
 def test_g_step_draws_a_fresh_real_batch_only_for_losses_that_use_it(tmp_path, monkeypatch, loss, draws):
     """n_dis=2 and train.fresh_real_for_g: a relativistic G loss takes a third batch, a non-relativistic one
     never decodes it; img/s counts the images a step consumed (a fake clock: one second per step)."""
-    from rgan_dist.engine import loop
+    from rgan_dist.engine import hooks, loop
 
     t = Trainer(tiny_cfg(tmp_path, "train.steps=2", "train.n_dis=2", "train.fresh_real_for_g=true",
                          f"loss.name={loss}", "train.sample_every=0"))
@@ -96,7 +96,9 @@ def test_g_step_draws_a_fresh_real_batch_only_for_losses_that_use_it(tmp_path, m
 
     t.data = Counting(t.data)
     clock = [0.0]
-    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    fake_time = type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    for module in (loop, hooks):  # the loop's clock and the throughput window's (engine.hooks.Throughput)
+        monkeypatch.setattr(module, "time", fake_time)
     step = t.train_step
 
     def one_second_step():

@@ -1,11 +1,16 @@
 """What surrounds the loop without being the GAN story: callbacks (how the sweep's trial hooks in), the
-stop request a signal makes (a scheduler's SIGTERM, Ctrl-C), and the progress bar."""
+stop request a signal makes (a scheduler's SIGTERM, Ctrl-C), what a logged step measures (gradient norms,
+throughput) and the progress bar."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
+import time
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     from rgan_dist.engine.loop import Trainer, TrainResult
@@ -72,6 +77,51 @@ class StopRequest:
         for sig, handler in self._previous.items():
             with contextlib.suppress(ValueError):
                 signal.signal(sig, handler)
+
+
+class GradNorms:
+    """The L2 norm of each phase's whole gradient, recorded by an optimizer pre-step hook (after DDP's
+    all-reduce and fp16 unscaling) as a device tensor, so no host sync, and only when `wanted` (logged steps).
+
+    Only plain torch optimizers are hooked: DeepSpeed ZeRO's see a shard of the gradient, not all of it."""
+
+    def __init__(self, optimizers: dict[str, Any]) -> None:
+        self.wanted = False
+        self._norms: dict[str, torch.Tensor] = {}
+        for phase, opt in optimizers.items():
+            if isinstance(opt, torch.optim.Optimizer):
+                opt.register_step_pre_hook(functools.partial(self._record, phase))
+
+    def _record(self, phase: str, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.wanted:
+            return
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+            self._norms[f"{phase}_grad_norm"] = torch.linalg.vector_norm(norms)
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The norms recorded since the last call (the same keys on every rank: gradients are synchronised)."""
+        norms, self._norms = self._norms, {}
+        return norms
+
+
+class Throughput:
+    """Images per second between logged steps, counting the real images the steps drew (not a formula), with
+    evaluation time taken out (`exclude`), so img/s measures training alone."""
+
+    def __init__(self, images: int) -> None:
+        self.start, self.images = time.perf_counter(), images
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+    def rate(self, images: int) -> float:
+        """Images per second since the last call (or construction); restarts the window."""
+        now = time.perf_counter()
+        rate = (images - self.images) / max(now - self.start, 1e-9)
+        self.start, self.images = now, images
+        return rate
 
 
 class NoProgress:

@@ -7,7 +7,6 @@ below; the formulas themselves live in `rgan_dist.losses`.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import time
@@ -25,7 +24,7 @@ from rgan_dist.config import Config
 from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
 from rgan_dist.engine import make_strategy, state
-from rgan_dist.engine.hooks import Callback, StopRequest, progress_bar
+from rgan_dist.engine.hooks import Callback, GradNorms, StopRequest, Throughput, progress_bar
 from rgan_dist.engine.strategy import Strategy
 from rgan_dist.metrics.evaluator import make_evaluator
 from rgan_dist.models import build_models, describe
@@ -87,12 +86,7 @@ class Trainer:
         self.fixed_z = torch.randn(cfg.train.sample_grid**2, m.z_dim,
                                    generator=torch.Generator().manual_seed(cfg.train.seed)).to(self.strategy.device)
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
-        self._grad_norms: dict[str, torch.Tensor] = {}
-        self._want_grad_norms = False
-        for phase, opt in self.strategy.opt.items():
-            # Only plain torch optimizers see whole, synchronised gradients (DeepSpeed ZeRO's see a shard).
-            if isinstance(opt, torch.optim.Optimizer):
-                opt.register_step_pre_hook(functools.partial(self._record_grad_norm, phase))
+        self.grad_norms = GradNorms(self.strategy.opt)
         self.step = 0
         self.bad_steps_total = 0
         self.reals_drawn = 0  # real images this rank took from the data stream in this process
@@ -167,16 +161,6 @@ class Trainer:
                 f"the run diverged; lower train.lr_d/lr_g, add a penalty, or use train.precision=fp32")
         return False
 
-    def _record_grad_norm(self, phase: str, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer pre-step hook: the L2 norm of the phase's whole gradient (after DDP's all-reduce and
-        fp16 unscaling), kept as a device tensor (no sync) and only on steps that are logged."""
-        if not self._want_grad_norms:
-            return
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
-            self._grad_norms[f"{phase}_grad_norm"] = torch.linalg.vector_norm(norms)
-
     def train_step(self) -> dict[str, torch.Tensor]:
         real = self._reals()
         for i in range(self.cfg.train.n_dis):
@@ -204,30 +188,23 @@ class Trainer:
         progress = progress_bar(t.steps, self.step, enabled=s.is_main and t.progress)
         interrupted = False
         stop = StopRequest(distributed=s.world_size > 1)
-        window_start, window_reals = time.perf_counter(), self.reals_drawn
+        throughput = Throughput(self.reals_drawn)
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         stopped = False
         try:
             while self.step < t.steps:
-                self._want_grad_norms = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+                self.grad_norms.wanted = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
                 out = self.train_step()
                 s.fault_point("step", self.step)
                 logged: dict[str, float] = {}
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    elapsed = time.perf_counter() - window_start
-                    out.update(self._grad_norms)  # the same keys on every rank: gradients are synchronised
-                    self._grad_norms = {}
-                    metrics = s.reduce_mean(out)
-                    # every rank draws the same number of images per step
-                    images = (self.reals_drawn - window_reals) * s.world_size
-                    metrics.update(img_per_s=images / max(elapsed, 1e-9),
-                                   skipped_samples=float(self.data.skipped),
-                                   bad_steps=float(self.bad_steps_total))
+                    metrics = s.reduce_mean({**out, **self.grad_norms.take()})
+                    metrics.update(img_per_s=throughput.rate(self.reals_drawn) * s.world_size,  # same on every rank
+                                   skipped_samples=float(self.data.skipped), bad_steps=float(self.bad_steps_total))
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
-                    window_start, window_reals = time.perf_counter(), self.reals_drawn
                     logged = metrics
                 self._fire_stoppable("on_step_end", self.step, logged)
                 progress.update(1)
@@ -236,7 +213,7 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     eval_start = time.perf_counter()
                     self.evaluate()
-                    window_start += time.perf_counter() - eval_start  # img/s measures training, not eval
+                    throughput.exclude(time.perf_counter() - eval_start)  # img/s measures training, not eval
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                 # Ranks agree to stop at the same step (one tiny all-reduce), so the final checkpoint's
