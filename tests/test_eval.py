@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEMO, ROOT, TINY, free_port
+from stand_ins import stand_in_network
 from torch import nn
 
 from launcher import evaluate as eval_cli
@@ -27,7 +28,7 @@ from rgan_dist.config import load_config
 from rgan_dist.engine.loop import Trainer, train
 from rgan_dist.errors import UsageError
 from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, digits_reference_stats, evaluate_generator
-from rgan_dist.metrics.inception import ENV_VAR, InceptionInfo, InceptionNetwork
+from rgan_dist.metrics.inception import ENV_VAR
 from rgan_dist.models import build_models
 
 BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "tracking.enabled=false", "train.sample_every=0"]
@@ -40,30 +41,6 @@ def _cache(tmp_path, monkeypatch):
 
 def _cfg(tmp_path: Path, *extra: str):
     return load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}/run", *extra])
-
-
-class _Counting(nn.Module):
-    """A small deterministic stand-in for pool3: [B,3,299,299] -> [B,64] (64 features keep the Frechet
-    distance's matrix functions cheap); counts the images it sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 9, stride=8)
-        self.proj = nn.Linear(4 * 8 * 8, 64)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.1
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += x.shape[0]
-        y = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 8)
-        return self.proj(y.flatten(1))
-
-
-def _stand_in_network() -> InceptionNetwork:
-    info = InceptionInfo(source="test stand-in", path="<memory>", sha256="0" * 64, convention="tf-range-299")
-    return InceptionNetwork(_Counting().eval(), info, torch.device("cpu"))
 
 
 def _generator(seed: int = 3) -> nn.Module:
@@ -151,7 +128,7 @@ def test_best_fid_checkpoint_is_kept_apart_from_rolling_ones(tmp_path):
 
 
 def test_reference_statistics_are_cached_by_network_size_and_n(tmp_path):
-    net = _stand_in_network()
+    net = stand_in_network()
     first = digits_reference_stats(net, resolution=16, num_samples=12, batch_size=5, keep_features=True)
     assert net.module.seen == 12 and first.n == 12
     again = digits_reference_stats(net, resolution=16, num_samples=12, batch_size=5, keep_features=True)
@@ -173,7 +150,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        net = _stand_in_network()
+        net = stand_in_network()
         ref = digits_reference_stats(net, resolution=16, num_samples=N, batch_size=BATCH, keep_features=True)
         res = evaluate_generator(_generator(), net, ref, num_samples=N, z_dim=16, seed=EVAL_SEED_OFFSET,
                                  batch_size=BATCH, kid=True)
@@ -194,7 +171,7 @@ def test_fid_is_the_same_with_one_and_two_ranks(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        net = _stand_in_network()
+        net = stand_in_network()
         ref = digits_reference_stats(net, resolution=16, num_samples=N, batch_size=BATCH, keep_features=True)
         one = evaluate_generator(_generator(), net, ref, num_samples=N, z_dim=16, seed=EVAL_SEED_OFFSET,
                                  batch_size=BATCH, kid=True)
@@ -209,7 +186,7 @@ def test_fid_is_the_same_with_one_and_two_ranks(tmp_path, monkeypatch):
 
 
 def test_evaluation_leaves_the_generator_in_its_mode():
-    net = _stand_in_network()
+    net = stand_in_network()
     ref = digits_reference_stats(net, resolution=16, num_samples=6, batch_size=6, keep_features=False)
     G = _generator().train()
     before = {k: v.clone() for k, v in G.state_dict().items()}

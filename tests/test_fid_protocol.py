@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEMO, ROOT, TINY
+from stand_ins import stand_in_network
 from torch import nn
 
 from rgan_dist.errors import UsageError
 from rgan_dist.metrics.evaluator import reference_stats
 from rgan_dist.metrics.features import STATS_PREFIX, dataset_stats
 from rgan_dist.metrics.fid import FeatureStats
-from rgan_dist.metrics.inception import InceptionInfo, InceptionNetwork
 
 
 @pytest.fixture(autouse=True)
@@ -29,28 +29,8 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RGAN_DATA_CACHE", str(tmp_path / "cache"))
 
 
-class _Counting(nn.Module):
-    """[B,3,299,299] -> [B,16]: a fixed random conv + projection (sensitive to detail, not only to the
-    mean colour, so a change of resolution shows); counts the images it embeds."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 9, stride=8)
-        self.proj = nn.Linear(4 * 8 * 8, 16)
-        for p in self.parameters():
-            p.data = torch.randn(p.shape, generator=g) * 0.1
-        self.seen = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += x.shape[0]
-        y = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 8)
-        return self.proj(y.flatten(1))
-
-
-def _net() -> InceptionNetwork:
-    info = InceptionInfo(source="test stand-in", path="<memory>", sha256="c" * 64, convention="tf-range-299")
-    return InceptionNetwork(_Counting().eval(), info, torch.device("cpu"))
+def _net():
+    return stand_in_network(features=16, sha256="c" * 64)
 
 
 def _images(n: int, side: int, seed: int) -> torch.Tensor:
