@@ -104,6 +104,23 @@ class JsonlTracker(Tracker):
 # ---------------------------------------------------------------------------------------------- MLflow
 
 
+def recorded_active_run(client: Any, record_file: Path, uri: str, key: str) -> str | None:
+    """The run id that `record_file` (JSON written when the run started) names under `key`, if the record is
+    for this tracking store and the run still exists and is active: how a resumed run, or a resumed sweep's
+    parent run, continues the MLflow run it logged to before instead of starting a second one."""
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("tracking_uri") != uri or not record.get(key):
+        return None
+    try:
+        run = client.get_run(record[key])
+    except Exception:  # deleted, another store, the server unreachable: start a new run
+        return None
+    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
 def bound_http_retries() -> dict[str, str]:
     """Set MLflow's HTTP retry/timeout variables to `HTTP_DEFAULTS` where the user set none; returns
     the values in force. MLflow reads them on every request, so this works after import too."""
@@ -330,18 +347,7 @@ class MlflowTracker(JsonlTracker):
         """On resume, the run this output folder logged to before, if it is in the same store."""
         if not self.cfg.checkpoint.resume:
             return None
-        path = self.cfg.out_dir / RUN_FILE
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if record.get("tracking_uri") != self.uri or not record.get("run_id"):
-            return None
-        try:
-            run = self._client.get_run(record["run_id"])
-        except Exception:
-            return None
-        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+        return recorded_active_run(self._client, self.cfg.out_dir / RUN_FILE, self.uri, "run_id")
 
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

@@ -62,17 +62,9 @@ class ParentRun:
         print(f"rgan sweep: MLflow parent run {self.run_id} in experiment {self.experiment!r} ({uri})", flush=True)
 
     def _previous(self) -> str | None:
-        try:
-            record = json.loads(self.state.read_text())
-        except (OSError, ValueError):
-            return None
-        if record.get("tracking_uri") != self.uri:
-            return None
-        try:
-            run = self.client.get_run(record["parent_run_id"])
-        except Exception:
-            return None
-        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+        from rgan_dist.tracking import recorded_active_run
+
+        return recorded_active_run(self.client, self.state, self.uri, "parent_run_id")
 
     def children(self) -> list[Any]:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
