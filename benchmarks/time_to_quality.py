@@ -1066,7 +1066,7 @@ def _main(argv: Sequence[str] | None) -> int:
     uri = artifacts = None
     parent = None
     if base.tracking.enabled:
-        uri, artifacts = resolve_store(base.tracking.mlflow_uri)
+        uri, artifacts = resolve_store(base.tracking.mlflow_uri, artifact_root=base.tracking.artifact_root)
         parent = ParentRun(results, uri, artifacts, base.tracking.experiment, {
             "profile": args.profile, "clock": args.clock, "workloads": ",".join(args.workloads),
             "seeds": ",".join(map(str, args.seeds)), "parallel": args.parallel, "threads": args.threads,

@@ -163,6 +163,10 @@ class TrackingConfig:
     mlflow_uri: str = _f("", "MLflow tracking URI (e.g. http://host:5000); empty: sqlite:///mlflow.db and ./mlruns "
                              "in the working directory.")
     experiment: str = _f("rgan-dist", "MLflow experiment name.")
+    artifact_root: str = _f("", "Where an experiment this job creates keeps its artifacts: a folder or an object "
+                               "store URL (s3://BUCKET/mlruns; endpoint and credentials from the AWS_* variables); "
+                               "empty: mlruns/ beside a SQLite store, or the server's default. An existing "
+                               "experiment keeps its own.")
     log_checkpoints: str = _f("both", "Checkpoints uploaded to MLflow at the end of a run.",
                               choices=("none", "best", "final", "both"))
     log_fid_stats: bool = _f(True, "Upload the FID reference statistics (.npz) to MLflow (per-eval JSON always goes).")

@@ -50,14 +50,16 @@ CLOSE_TIMEOUT_S = 600.0  # the longest a job waits at exit for queued uploads (c
 
 
 def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> str:
-    """The id of MLflow experiment `name`, created (artifacts under `artifact_root/name`) if missing;
-    safe when another job creates it between our look-up and our create."""
+    """The id of MLflow experiment `name`, created (artifacts under `artifact_root/name`, a folder or a URL
+    such as s3://bucket/mlruns) if missing; safe when another job creates it between our look-up and our
+    create."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    root = str(artifact_root or "")
+    location = (f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)) if root else None
     try:
-        return client.create_experiment(
-            name, artifact_location=str(Path(artifact_root) / name) if artifact_root else None)
+        return client.create_experiment(name, artifact_location=location)
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -129,19 +131,24 @@ def bound_http_retries() -> dict[str, str]:
     return {k: os.environ[k] for k in HTTP_DEFAULTS}
 
 
-def resolve_store(uri: str, cwd: str | Path | None = None) -> tuple[str, str | None]:
-    """(tracking URI, local artifact root or None). Empty `uri`: a SQLite file and an artifact folder in
+def resolve_store(uri: str, cwd: str | Path | None = None, artifact_root: str = "") -> tuple[str, str | None]:
+    """(tracking URI, artifact root or None). Empty `uri`: a SQLite file and an artifact folder in
     the working directory, both absolute, so `mlflow ui` started elsewhere finds the same store. A SQLite
     URI keeps its artifacts in `mlruns/` beside the database (MLflow would use the working directory of
-    whichever process creates the experiment); a server decides for itself (None)."""
+    whichever process creates the experiment); a server decides for itself (None). `artifact_root`
+    (tracking.artifact_root) overrides either: a URL (s3://bucket/mlruns) as given, a folder made absolute."""
     base = Path(cwd or os.getcwd()).resolve()
     if not uri:
-        return f"sqlite:///{base / DEFAULT_DB}", str(base / DEFAULT_ARTIFACTS)
-    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        uri, root = f"sqlite:///{base / DEFAULT_DB}", str(base / DEFAULT_ARTIFACTS)
+    elif uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         db = Path(uri[len("sqlite:///"):])
         db = db if db.is_absolute() else base / db
-        return f"sqlite:///{db}", str(db.parent / DEFAULT_ARTIFACTS)
-    return uri, None
+        uri, root = f"sqlite:///{db}", str(db.parent / DEFAULT_ARTIFACTS)
+    else:
+        root = None
+    if artifact_root:
+        root = artifact_root if "://" in artifact_root else str(base / Path(artifact_root).expanduser())
+    return uri, root
 
 
 def ui_command(uri: str, artifacts: str | None) -> str:
@@ -219,7 +226,7 @@ class MlflowTracker(JsonlTracker):
                  start_timeout_s: float = 30.0) -> None:
         super().__init__(jsonl_path or cfg.out_dir / "metrics.jsonl")
         self.cfg = cfg
-        self.uri, self.artifact_root = resolve_store(cfg.tracking.mlflow_uri)
+        self.uri, self.artifact_root = resolve_store(cfg.tracking.mlflow_uri, artifact_root=cfg.tracking.artifact_root)
         self.experiment = cfg.tracking.experiment
         self.log_checkpoints = cfg.tracking.log_checkpoints
         self.run_id: str | None = None

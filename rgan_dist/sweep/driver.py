@@ -85,7 +85,7 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
     parent: ParentRun | None = None
     uri = ""
     if cfg.tracking.enabled:
-        uri, artifacts = resolve_store(cfg.tracking.mlflow_uri)
+        uri, artifacts = resolve_store(cfg.tracking.mlflow_uri, artifact_root=cfg.tracking.artifact_root)
         if address:
             uri = _cluster_uri(uri)
         try:
