@@ -10,6 +10,7 @@ to prove the bytes went there (an exit code alone would not).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,9 @@ from pathlib import Path
 import pytest
 import test_resume_shards as resume_shards
 from conftest import DEMO, TINY, free_port
-from jobs import assert_same_training_state, ckpt, ok, torchrun
+from jobs import assert_same_training_state, ckpt, job_env, ok, run_job, torchrun
+from test_sweep import TINY as SWEEP_TRIAL
+from test_sweep import write_sweep
 
 from rgan_dist.config import load_config
 from rgan_dist.engine.loop import train
@@ -187,3 +190,29 @@ def test_mlflow_artifacts_land_in_the_bucket(tmp_path, bucket, s3_server, monkey
     got = client.download_artifacts(run.info.run_id, "samples/step_0000004.png", str(tmp_path / "dl"))
     assert Path(got).read_bytes() == s3_server.client().get_object(
         Bucket=bucket, Key=prefix + "samples/step_0000004.png")["Body"].read()
+
+
+# ------------------------------------------------------------------------------------------ Ray storage
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sweep_with_s3_storage_keeps_its_experiment_and_trial_checkpoints_in_the_bucket(tmp_path, bucket, s3_server):
+    """`rgan sweep` on a fresh local Ray with `storage: s3://...`: Tune (pyarrow's S3 filesystem) writes the
+    experiment state and the trial's checkpoints and results to the bucket, and the sweep's table names them."""
+    path = write_sweep(tmp_path / "s3.yaml", name="s3", storage=f"s3://{bucket}/sweeps", max_failures=0,
+                       out_dir=str(tmp_path / "sweep"),
+                       overrides={**SWEEP_TRIAL, "tracking.enabled": False})
+    proc = run_job([sys.executable, "-m", "launcher.sweep", "--config", str(path), "--num-cpus", "1",
+                    "--verbose", "0"], timeout=240, env=job_env(RAY_DEDUP_LOGS="0"))
+    out = ok(proc)
+    keys = s3_server.keys(bucket, "sweeps/s3/")
+    assert any(k.startswith("sweeps/s3/experiment_state") for k in keys), keys
+    (trial,) = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("trial_")}
+    files = {k.split("/", 3)[3] for k in keys if k.split("/")[2] == trial}
+    assert {"result.json", "params.json"} <= files, files
+    # the trial checkpoints at its eval steps (10 and 20), each with the training checkpoint inside
+    assert {f.split("/")[0] for f in files if f.startswith("checkpoint_")} == {"checkpoint_000000", "checkpoint_000001"}
+    assert any(f.startswith("checkpoint_000001/") and f.endswith(".pt") for f in files), files
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert [r["step"] for r in rows] == [20] and "completed" in {r["outcome"] for r in rows}, out[-3000:]
