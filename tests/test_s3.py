@@ -34,9 +34,6 @@ from rgan_dist.config import load_config
 from rgan_dist.engine.loop import train
 from rgan_dist.tracking import experiment_id, resolve_store
 
-pytest.importorskip("moto", reason="the S3 tests need moto[server]: pip install -e '.[test]'")
-pytest.importorskip("s3fs", reason="the S3 tests need s3fs: pip install -e '.[s3]'")
-
 # The 24-digit shard set and the straight 2-rank run over it from local disk (the S3 run must match it).
 shards, straight_two_ranks, STEPS = resume_shards.shards, resume_shards.straight_two_ranks, resume_shards.STEPS
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
