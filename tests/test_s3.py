@@ -193,15 +193,19 @@ def test_mlflow_artifacts_land_in_the_bucket(tmp_path, bucket, s3_server, monkey
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
 def test_sweep_with_s3_storage_keeps_its_experiment_and_trial_checkpoints_in_the_bucket(tmp_path, bucket, s3_server):
     """`rgan sweep` on a fresh local Ray with `storage: s3://...`: Tune (pyarrow's S3 filesystem) writes the
-    experiment state and the trial's checkpoints and results to the bucket, and the sweep's table names them."""
+    experiment state and the trial's checkpoints and results to the bucket; with `tracking.artifact_root` on
+    S3 too, the parent run's table and the trial's run (logged from a Ray worker) keep their artifacts there."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
     path = write_sweep(tmp_path / "s3.yaml", name="s3", storage=f"s3://{bucket}/sweeps", max_failures=0,
                        out_dir=str(tmp_path / "sweep"),
-                       overrides={**SWEEP_TRIAL, "tracking.enabled": False})
+                       overrides={**SWEEP_TRIAL, "tracking.mlflow_uri": f"sqlite:///{db}",
+                                  "tracking.experiment": "s3-sweep", "tracking.artifact_root": f"s3://{bucket}/mlruns"})
     proc = run_job([sys.executable, "-m", "launcher.sweep", "--config", str(path), "--num-cpus", "1",
-                    "--verbose", "0"], timeout=240, env=job_env(RAY_DEDUP_LOGS="0"))
+                    "--verbose", "0"], timeout=300, env=job_env(RAY_DEDUP_LOGS="0"))
     out = ok(proc)
     keys = s3_server.keys(bucket, "sweeps/s3/")
     assert any(k.startswith("sweeps/s3/experiment_state") for k in keys), keys
@@ -213,3 +217,13 @@ def test_sweep_with_s3_storage_keeps_its_experiment_and_trial_checkpoints_in_the
     assert any(f.startswith("checkpoint_000001/") and f.endswith(".pt") for f in files), files
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert [r["step"] for r in rows] == [20] and "completed" in {r["outcome"] for r in rows}, out[-3000:]
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("s3-sweep")
+    assert exp.artifact_location == f"s3://{bucket}/mlruns/s3-sweep"
+    found = client.search_runs([exp.experiment_id])
+    runs = {r.data.tags.get("mlflow.parentRunId", "parent"): r.info.run_id for r in found}  # parent id -> child
+    assert len(found) == len(runs) == 2, runs
+    artifacts = set(s3_server.keys(bucket, "mlruns/s3-sweep/"))
+    assert f"mlruns/s3-sweep/{runs['parent']}/artifacts/results.md" in artifacts, artifacts
+    assert f"mlruns/s3-sweep/{runs[runs['parent']]}/artifacts/config.yaml" in artifacts, artifacts
