@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class RunConfig:
-    name: str = _f("rgan", "Run name: names the output folder and the MLflow run.")
+    name: str = _f("rgan", "Run name: names the output folder and the MLflow run; {variant} (loss, and penalty "
+                   "unless none) and {section.key} expand.")
     out_dir: str = _f("runs/{name}", "Where samples, logs and (by default) checkpoints go; {name} expands.")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, or cuda.", choices=("auto", "cpu", "cuda"))
 
@@ -246,7 +248,37 @@ def config_from_dict(raw: dict[str, Any], where: str = "config", values: dict[st
             raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {entries!r}")
         fill_section(getattr(cfg, section), entries, where, section)
     _check_consistency(cfg)
+    cfg.run.name = expand_run_name(cfg, where)
     return cfg
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def loss_variant(cfg: Config) -> str:
+    """The loss variant in one token, `rasgan` or `rsgan-wgan-gp`: what a run name needs to tell runs apart."""
+    return cfg.loss.name if cfg.loss.penalty == "none" else f"{cfg.loss.name}-{cfg.loss.penalty}"
+
+
+def expand_run_name(cfg: Config, where: str = "config") -> str:
+    """`run.name` with `{variant}` and `{section.key}` filled from the resolved config.
+
+    Why: a preset that fixes its loss into the name (`cifar10-rasgan`) sends a `loss.name=rsgan` override
+    into the same run folder and MLflow run name as the preset's own run. Presets name themselves
+    `cifar10-{variant}` instead, so every variant gets its own folder and run. Expanded once, after every
+    override, so the stored config (checkpoint, MLflow) holds the final name and reloading it is a no-op."""
+    flat = cfg.flat()
+
+    def fill(m: re.Match[str]) -> str:
+        key = m.group(1).strip()
+        if key == "variant":
+            return loss_variant(cfg)
+        if key in flat and not isinstance(flat[key], list | dict):
+            return str(flat[key])
+        raise ConfigError(f"{where}: run.name={cfg.run.name!r}: unknown placeholder {{{key}}}; use {{variant}} or "
+                          "{section.key} of a scalar key, e.g. {loss.name}")
+
+    return _PLACEHOLDER.sub(fill, cfg.run.name)
 
 
 def fill_section(target: Any, values: dict[str, Any], where: str, section: str = "") -> None:
