@@ -164,11 +164,21 @@ def write_shards(
         "ignored": listing.ignored,
         "shards": shards,
         "skipped": sorted(skipped, key=lambda s: s["path"]),
+        **wids_shardlist(shards),
     }
     tmp = out / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def wids_shardlist(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same shards in the form WebDataset's `wids` reads (`wids_version` 1, `shardlist` of url/nsamples,
+    plus `filesize`), so `wids.ShardListDataset("DIR/manifest.json")` opens our set as is: the manifest
+    itself is the wids descriptor (wids ignores our other keys and resolves the relative URLs against the
+    manifest's own location, local or remote)."""
+    return {"wids_version": 1,
+            "shardlist": [{"url": s["url"], "nsamples": s["num_samples"], "filesize": s["bytes"]} for s in shards]}
 
 
 def summary_line(manifest: dict[str, Any], out_dir: str | os.PathLike[str]) -> str:

@@ -23,24 +23,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="sweep name (default: the file's `name:`); a new name starts a new sweep")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep of this name after its driver died (Tune restores every trial)")
-    p.add_argument("--dry-run", action="store_true", help="check the sweep file and print the trials' space, then exit")
+    from launcher.train import add_dry_run_arguments
+
+    add_dry_run_arguments(p, "sweep")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune's console output (0: quiet)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.train import check_dry_run_arguments
     from rgan_dist.sweep import load_sweep, run_sweep
 
+    check_dry_run_arguments(args)
     spec = load_sweep(args.config, args.overrides, name=args.name)
     if args.dry_run:
         from rgan_dist.sweep import describe_trial, planned_trials
 
         trials = planned_trials(spec)
-        print(f"rgan sweep: {spec.path} is valid: sweep {spec.name!r}, {len(trials)} trial(s) over "
-              f"{', '.join(spec.varied_keys)}; scheduler {spec.scheduler.name}; {spec.resources.workers} "
-              f"worker(s) per trial")
-        for i, trial in enumerate(trials):
-            print(f"  {i:03d}  " + "  ".join(f"{k}={v}" for k, v in describe_trial(trial).items()))
-        print(f"rgan sweep: results would go to {spec.out_dir} (Ray experiment {spec.experiment_path})")
+        if not args.json:  # --json: the estimate alone, parseable
+            print(f"rgan sweep: {spec.path} is valid: sweep {spec.name!r}, {len(trials)} trial(s) over "
+                  f"{', '.join(spec.varied_keys)}; scheduler {spec.scheduler.name}; {spec.resources.workers} "
+                  f"worker(s) per trial")
+            for i, trial in enumerate(trials):
+                print(f"  {i:03d}  " + "  ".join(f"{k}={v}" for k, v in describe_trial(trial).items()))
+            print(f"rgan sweep: results would go to {spec.out_dir} (Ray experiment {spec.experiment_path})")
+        _print_estimate(spec, args)
         return 0
     result = run_sweep(spec, address=args.address, num_cpus=args.num_cpus, resume=args.resume,
                        verbose=args.verbose)
@@ -54,6 +60,16 @@ def run(args: argparse.Namespace) -> int:
               f"rgan report --experiment {spec.base_config.tracking.experiment}")
     failed = [r for r in result.rows if r.outcome in ("error", "no report")]
     return 1 if result.rows and len(failed) == len(result.rows) else 0
+
+
+def _print_estimate(spec, args: argparse.Namespace) -> None:
+    """The sweep's cost (`rgan_dist.estimate`): each distinct trial config timed for a few steps here."""
+    import json
+
+    from rgan_dist.estimate import estimate_sweep, format_sweep
+
+    est = estimate_sweep(spec, step_time=args.step_time, num_cpus=args.num_cpus, address=args.address)
+    print(json.dumps(est.to_dict(), indent=1) if args.json else "\n".join(format_sweep(est)))
 
 
 def main(argv: list[str] | None = None) -> int:

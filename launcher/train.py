@@ -9,6 +9,7 @@ job's error summary (which names the rank) instead of only in that worker's stde
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "are moved to <run.out_dir>/previous/<time>/ (checkpoint.overwrite=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    add_dry_run_arguments(p, "run")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="--dry-run: ranks the run will have (each rank one device; default 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
@@ -54,6 +58,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UsageError("--config FILE is required (e.g. configs/demo.yaml or configs/paper/cifar10.yaml)")
+    check_dry_run_arguments(args)
+    if args.world_size != 1 and not args.dry_run:
+        raise UsageError("--world-size only plans a --dry-run; the launcher (torchrun, deepspeed) sets a run's ranks")
     overrides = list(args.overrides)
     if args.resume and args.overwrite:
         raise UsageError(f"--resume {args.resume} continues the run in the folder, --overwrite sets it aside: "
@@ -66,7 +73,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
+    if args.dry_run:
+        from rgan_dist.estimate import estimate_run, format_run
+
+        est = estimate_run(cfg, ranks=args.world_size, step_time=args.step_time)
+        print(json.dumps(est.to_dict(), indent=1) if args.json else "\n".join(format_run(est)))
+        return 0
     return _train(cfg)
+
+
+def add_dry_run_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """`--dry-run`, `--step-time`, `--json`: the cost estimate (`rgan_dist.estimate`), shared by train and sweep."""
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"estimate the {what}'s wall time, device-hours, img/s and data volume from a few measured "
+                        "steps on this machine, then exit (nothing trained or written)")
+    p.add_argument("--step-time", type=float, metavar="SECONDS",
+                   help="--dry-run: seconds per generator step to use instead of measuring")
+    p.add_argument("--json", action="store_true", help="--dry-run: print the estimate as JSON")
+
+
+def check_dry_run_arguments(args: argparse.Namespace) -> None:
+    if not args.dry_run and (args.step_time is not None or args.json):
+        raise UsageError(f"{'--step-time' if args.step_time is not None else '--json'} only goes with --dry-run")
 
 
 def _train(cfg) -> int:
