@@ -130,10 +130,10 @@ def _from_checkpoint(path: Path, device: torch.device, *, use_ema: bool) -> Trai
 
 def exported_format(path: str | Path) -> str | None:
     """The format of an exported generator file, or None for anything else (a training checkpoint)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".pt":  # a training checkpoint or a TorchScript export: look inside
-        return "torchscript" if _is_torchscript(path) else None
-    return SUFFIXES.get(suffix)
+    if Path(path).suffix.lower() == ".safetensors":
+        return "safetensors"
+    # `.pt` may be a training checkpoint or a TorchScript export, and `--format torchscript` any name: look inside
+    return "torchscript" if _is_torchscript(path) else None
 
 
 def _is_torchscript(path: str | Path) -> bool:
