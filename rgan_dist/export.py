@@ -28,12 +28,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rgan_dist.errors import UsageError
+
+if TYPE_CHECKING:
+    from rgan_dist.config import Config
 
 FORMAT = "rgan-dist-generator/1"
 FORMATS = ("safetensors", "torchscript")
@@ -84,28 +87,46 @@ def load_trained(source: str | Path, *, device: str | torch.device = "cpu", use_
     return _from_checkpoint(path, torch.device(device), use_ema=use_ema)
 
 
-def _from_checkpoint(path: Path, device: torch.device, *, use_ema: bool) -> TrainedGenerator:
+def load_training_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
+    """A training checkpoint (`torch.load(weights_only=True)`) and the run's config stored in it."""
     import yaml
 
     from rgan_dist.checkpoint import load_checkpoint
     from rgan_dist.config import config_from_dict
-    from rgan_dist.ema import BN_SEED_OFFSET, recalibrate_for
-    from rgan_dist.models import build_models
 
-    state = load_checkpoint(path)  # weights_only=True
+    state = load_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != "rgan-dist/1" or "config" not in state:
         raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
-    cfg = config_from_dict(yaml.safe_load(state["config"]), where=f"config stored in {path}")
+    return state, config_from_dict(yaml.safe_load(state["config"]), where=f"config stored in {path}")
+
+
+def generator_from_state(state: dict[str, Any], cfg: Config, device: torch.device, *,
+                         use_ema: bool = True) -> tuple[nn.Module, bool]:
+    """(G, whether it is the EMA copy) of a loaded checkpoint, on `device`, as evaluation sees it: the EMA
+    weights when present and wanted, their BatchNorm statistics recomputed for them (the saved ones may be
+    the live G's). The one place `rgan eval`, `rgan generate` and `rgan export` get G from a checkpoint."""
+    from rgan_dist.ema import recalibrate_for
+    from rgan_dist.models import build_models
+
     G, _ = build_models(cfg.model)
     ema = state.get("ema")
     with_ema = ema is not None and use_ema
     G.load_state_dict(ema["module"] if with_ema else state["model"]["G"])
     G.to(device)
-    # The EMA copy's saved BatchNorm statistics may be the live G's: recompute them as evaluation does.
-    bn = "as trained"
-    if with_ema and recalibrate_for(G, cfg):
-        bn = f"recalibrated for the EMA weights (seed {cfg.train.seed + BN_SEED_OFFSET}, batch {cfg.eval.batch_size})"
+    if with_ema:
+        recalibrate_for(G, cfg)
+    return G, with_ema
+
+
+def _from_checkpoint(path: Path, device: torch.device, *, use_ema: bool) -> TrainedGenerator:
+    from rgan_dist.ema import BN_SEED_OFFSET, batch_norms
+
+    state, cfg = load_training_checkpoint(path)
+    G, with_ema = generator_from_state(state, cfg, device, use_ema=use_ema)
     G.eval().requires_grad_(False)
+    bn = "as trained"
+    if with_ema and batch_norms(G):
+        bn = f"recalibrated for the EMA weights (seed {cfg.train.seed + BN_SEED_OFFSET}, batch {cfg.eval.batch_size})"
     meta = {
         "format": FORMAT,
         "model": json.dumps(dataclasses.asdict(cfg.model), sort_keys=True),
