@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             written = f"{len(seeds)} images ({_seed_text(seeds)}) to {out}"
     trunc = f", truncation {args.truncation}" if args.truncation is not None else ""
     print(f"rgan generate: wrote {written} ({export.describe(trained.metadata)}{trunc})", flush=True)
+    if trained.metadata.get("eval_g_mode") == "train":
+        print("rgan generate: note: this run's FID sampled G in train mode (batch statistics); these images use "
+              "eval mode (BatchNorm running statistics), so each depends on its seed alone", flush=True)
     return 0
 
 
