@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "launcher.evaluate:add_arguments", "launcher.evaluate:run"),
     "report": ("paper-style table and FID plots of an MLflow experiment",
                "launcher.report:add_arguments", "launcher.report:run"),
+    "generate": ("PNGs (one per seed, a grid, or an interpolation strip/GIF) from a checkpoint's generator",
+                 "launcher.generate:add_arguments", "launcher.generate:run"),
+    "export": ("the generator alone (EMA, BatchNorm recalibrated) as safetensors or TorchScript, with its config",
+               "launcher.generate:add_export_arguments", "launcher.generate:run_export"),
     "sweep": ("Ray Tune sweep over loss variants and hyperparameters (the script `ray submit` runs)",
               "launcher.sweep:add_arguments", "launcher.sweep:run"),
 }

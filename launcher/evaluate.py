@@ -72,15 +72,10 @@ def format_result(r: dict[str, Any]) -> str:
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     """The whole command; returns the result on rank 0 and None on the other ranks."""
-    import yaml
-
-    from rgan_dist.checkpoint import load_checkpoint
-    from rgan_dist.config import config_from_dict
-    from rgan_dist.ema import recalibrate_for
     from rgan_dist.engine.distributed import start
+    from rgan_dist.export import generator_from_state, load_training_checkpoint
     from rgan_dist.metrics.evaluator import EVAL_SEED_OFFSET, evaluate_generator, reference_stats
     from rgan_dist.metrics.inception import load_inception
-    from rgan_dist.models import build_models
 
     for name, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         _positive(name, value)
@@ -89,10 +84,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     from rgan_dist.checkpoint import checkpoint_path
 
     path = checkpoint_path(args.checkpoint, what="--checkpoint")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != "rgan-dist/1" or "config" not in state:
-        raise UsageError(f"checkpoint {args.checkpoint!r}: not an rgan-dist training checkpoint")
-    cfg = config_from_dict(yaml.safe_load(state["config"]), where=f"config stored in {path}")
+    state, cfg = load_training_checkpoint(path)
     cfg.run.device = args.device
     e = cfg.eval
     n = args.num_samples or e.num_samples
@@ -107,13 +99,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     process = start(cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     try:
         m = cfg.model
-        G, _ = build_models(m)
-        ema = state.get("ema")
-        use_ema = ema is not None and not args.no_ema
-        G.load_state_dict(ema["module"] if use_ema else state["model"]["G"])
-        G.to(process.device)
-        if use_ema:  # its saved BatchNorm statistics may be the live G's: recompute them as the run did
-            recalibrate_for(G, cfg)
+        G, use_ema = generator_from_state(state, cfg, process.device, use_ema=not args.no_ema)
         net = load_inception(args.inception or e.inception or None, device=process.device)
         ref = reference_stats(data, net, resolution=m.resolution, num_samples=n_ref, batch_size=batch,
                               keep_features=kid, progress=progress)

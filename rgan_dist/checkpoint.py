@@ -135,8 +135,9 @@ class CheckpointManager:
 
 
 # What a run writes into run.out_dir besides its checkpoints: the metrics record (tracking.py), sample grids
-# (samples), per-evaluation FID records (metrics/evaluator.py), and the files its MLflow tracker writes.
-RUN_FILES = ("metrics.jsonl", "samples", "fid")
+# (samples), per-evaluation FID records (metrics/evaluator.py), the final generator it logged to MLflow
+# (rgan_dist.mlflow_model), and the files its MLflow tracker writes.
+RUN_FILES = ("metrics.jsonl", "samples", "fid", "generator")
 TRACKER_FILES = ("config.yaml", "mlflow_run.json")
 PREVIOUS = "previous"
 

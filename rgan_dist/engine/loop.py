@@ -336,6 +336,10 @@ def train(cfg: Config, strategy: Strategy | None = None, *, callbacks: Sequence[
         if result.checkpoint is not None:
             trainer.tracker.log_checkpoint(result.checkpoint, "final")
         trainer.tracker.log_checkpoint(trainer.ckpt.dir / "best.pt", "best")
+        if s.is_main and cfg.tracking.enabled:  # the final G as an MLflow model (rgan_dist.mlflow_model)
+            from rgan_dist.mlflow_model import log_final_generator
+
+            log_final_generator(trainer.tracker, result.checkpoint, trainer.cfg.out_dir)
         return result
     except SystemExit as e:
         if e.code in (0, None):
