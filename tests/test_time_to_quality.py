@@ -196,7 +196,7 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     parent = data["mlflow"]["parent_run_id"]
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    history = client.get_metric_history(children[0].info.run_id, "modes")
+    history = client.get_metric_history(children[0].info.run_id, "eval/modes")
     assert sorted(m.step for m in history) == [2, 4]  # step = budget seconds
     assert client.get_run(parent).info.status == "FINISHED"
 
