@@ -211,7 +211,7 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
     return out
 
 
-# Each loss and penalty in words, for the run description (tests/test_tracking.py keeps the keys equal to
+# Each loss and penalty in words, for the run description (tests/test_mlflow_view.py keeps the keys equal to
 # rgan_dist.losses' registries).
 LOSS_WORDS = {
     "sgan": "SGAN (standard GAN, non-saturating G loss)",
@@ -261,14 +261,15 @@ def dataset_tags(spec: str) -> dict[str, str]:
     tags = {"rgan.dataset": spec}
     if spec.startswith("sklearn:"):  # embedded in memory: identified by the package version (version.* tags)
         return tags
-    from rgan_dist.metrics.features import dataset_identity, open_source
+    from data_pipeline.shardset import resolve
+    from rgan_dist.metrics.features import ImageSource, dataset_identity
 
-    src = open_source(spec)
-    identity = dataset_identity(src)
+    shards = resolve(spec, count=False)  # the manifest, if any; never a scan of every tar for its count
+    identity = dataset_identity(ImageSource(spec, "shards", shards.num_samples, shards=shards))
     if identity is not None:
         tags["rgan.dataset_sha256"] = str(identity["dataset_sha256"])
-    if src.total is not None:
-        tags["rgan.dataset_samples"] = str(src.total)
+    if shards.num_samples is not None:
+        tags["rgan.dataset_samples"] = str(shards.num_samples)
     return tags
 
 
