@@ -198,3 +198,18 @@ def test_eta_counts_the_evaluations_still_due():
     no_eval = Eta(step=40, total=100, eval_every=0, clock=clock)
     clock.now += 6.0
     assert no_eval.seconds_left(46) == pytest.approx(54.0) and no_eval.text(40) == "?"
+
+
+@pytest.mark.slow
+def test_two_ranks_log_one_run_with_rank_0s_system_metrics(tmp_path):
+    from jobs import ok, torchrun
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    out = ok(torchrun(tmp_path / "run", "train.steps=20", "tracking.enabled=true", f"tracking.mlflow_uri=sqlite:///{db}",
+                      "tracking.experiment=two", "tracking.system_metrics_interval_s=0.2", timeout=240))
+    assert out.count("MLflow system metrics every") == 1  # rank 1 has the null tracker: no monitor, no run
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("two").experiment_id])
+    assert run.data.tags["rgan.world_size"] == "2" and "x 2 ranks" in run.data.tags["mlflow.note.content"]
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "train/d_loss" in run.data.metrics
