@@ -368,6 +368,9 @@ class BudgetStepTracker:
     def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
         self.inner.log_metrics({**metrics, "gen_step": float(step)}, self.budget_step, context)
 
+    def log_image(self, path: Any, key: str, step: int) -> None:  # sample grids on the same x-axis
+        self.inner.log_image(path, key, self.budget_step)
+
     def __getattr__(self, name: str) -> Any:  # log_params, log_artifact, set_tags, close, ...
         return getattr(self.inner, name)
 

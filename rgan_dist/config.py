@@ -172,6 +172,10 @@ class TrackingConfig:
     log_checkpoints: str = _f("both", "Checkpoints uploaded to MLflow at the end of a run.",
                               choices=("none", "best", "final", "both"))
     log_fid_stats: bool = _f(True, "Upload the FID reference statistics (.npz) to MLflow (per-eval JSON always goes).")
+    system_metrics: bool = _f(True, "Log CPU, RAM, disk, network and GPU use (MLflow system metrics, system/...) "
+                                     "from rank 0; GPU figures need nvidia-ml-py.")
+    system_metrics_interval_s: float = _f(10.0, "Seconds between system metric samples "
+                                                "(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).", min=0.05)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rgan_dist.errors import UsageError
-from rgan_dist.tracking import bound_http_retries, resolve_store
+from rgan_dist.tracking import bound_http_retries, metric_history, resolve_store
 
 PROVENANCE_TAGS = ("fid.network_source", "fid.network_sha256", "fid.resize", "fid.num_samples",
                    "fid.reference_samples", "fid.reference_data")
@@ -73,8 +73,8 @@ def summarize_experiment(experiment: str, tracking_uri: str | None = None) -> li
     for run in runs:
         info, data = run.info, run.data
         start = info.start_time or 0
-        fid = sorted(client.get_metric_history(info.run_id, "fid"), key=lambda m: (m.step, m.timestamp))
-        speed = client.get_metric_history(info.run_id, "img_per_s")
+        fid = sorted(metric_history(client, info.run_id, "fid"), key=lambda m: (m.step, m.timestamp))
+        speed = metric_history(client, info.run_id, "img_per_s")
         last_ts = max([m.timestamp for m in fid] + [m.timestamp for m in speed] + [start])
         end = info.end_time or last_ts
         steps = max([m.step for m in speed] + [m.step for m in fid] + [0])

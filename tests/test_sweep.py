@@ -31,6 +31,7 @@ from rgan_dist.sweep import (
     trial_overrides,
     trial_run_name,
 )
+from rgan_dist.tracking import LOSS_WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "configs" / "sweeps"
@@ -259,14 +260,16 @@ def test_smoke_sweep_on_local_ray(ray_local, tmp_path, monkeypatch, capsys):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
     assert parent.data.tags["rgan.sweep"] == "smoke" and parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_fid"] == pytest.approx(rows[0]["best_fid"])
+    assert parent.data.metrics["eval/best_fid"] == pytest.approx(rows[0]["best_fid"])
+    assert parent.data.metrics["sweep/trials"] == 4 and "Sweep smoke" in parent.data.tags["mlflow.note.content"]
     assert {"results.md", "results.csv", "smoke.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     by_trial = {r["trial_id"]: r for r in rows}
     for child in children:
         row = by_trial[child.data.tags["rgan.sweep.trial_id"]]
         assert set(child.data.params) == set(Config().flat())          # the params of a single run
         assert child.data.params["loss.name"] == row["params"]["loss.name"]
-        fids = client.get_metric_history(child.info.run_id, "fid")
+        assert LOSS_WORDS[row["params"]["loss.name"]] in child.data.tags["mlflow.note.content"]
+        fids = client.get_metric_history(child.info.run_id, "eval/fid")
         assert [m.step for m in sorted(fids, key=lambda m: m.step)] == list(range(10, row["step"] + 1, 10))
         assert min(m.value for m in fids) == pytest.approx(row["best_fid"])
         assert {"config.yaml", "fid"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -294,7 +297,7 @@ def test_a_failing_trial_is_retried_from_its_checkpoint(ray_local, tmp_path, mon
     client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-fault")
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED" and child.data.tags.get("rgan.resumed") == "true"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "fid")) == [10, 20]
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "eval/fid")) == [10, 20]
 
 
 @pytest.mark.slow

@@ -143,10 +143,14 @@ def test_budget_step_tracker_logs_at_budget_seconds():
         def log_metrics(self, metrics, step, context=None):
             seen.append((metrics, step))
 
+        def log_image(self, path, key, step):
+            seen.append((key, step))
+
     t = ttq.BudgetStepTracker(Inner())
     t.budget_step = 150
     t.log_metrics({"modes": 3.0}, 4321)
-    assert seen == [({"modes": 3.0, "gen_step": 4321.0}, 150)] and t.run_id == "r"
+    t.log_image("grid.png", "samples", 4321)  # sample grids on the same x-axis as the metrics
+    assert seen == [({"modes": 3.0, "gen_step": 4321.0}, 150), ("samples", 150)] and t.run_id == "r"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -196,7 +200,7 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     parent = data["mlflow"]["parent_run_id"]
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    history = client.get_metric_history(children[0].info.run_id, "modes")
+    history = client.get_metric_history(children[0].info.run_id, "eval/modes")
     assert sorted(m.step for m in history) == [2, 4]  # step = budget seconds
     assert client.get_run(parent).info.status == "FINISHED"
 

@@ -112,6 +112,13 @@ def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
+def _image_steps(files: set[str], key: str) -> list[int]:
+    """The steps of the full-size images `MlflowClient.log_image(key=key, step=...)` stored: it writes
+    `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (and a `+compressed.webp` thumbnail) per call."""
+    prefix = f"images/{key.replace('/', '~')}+step+"
+    return [int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")]
+
+
 def _git_head() -> str | None:
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     return head.stdout.strip() if head.returncode == 0 else None
@@ -147,17 +154,18 @@ def test_run_on_a_real_server_holds_params_metrics_fid_samples_and_config(tmp_pa
     # every training metric at every step, gradient norms included, identical to the JSONL record
     jsonl = _jsonl(cfg)
     for key in LOGGED:
-        history = client.get_metric_history(run.info.run_id, key)
+        history = client.get_metric_history(run.info.run_id, f"train/{key}")
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6], key
-    fid = sorted(client.get_metric_history(run.info.run_id, "fid"), key=lambda m: m.step)
+    fid = sorted(client.get_metric_history(run.info.run_id, "eval/fid"), key=lambda m: m.step)
     assert [m.step for m in fid] == [3, 6]
     assert all(0 < m.value < 1e4 for m in fid)
     assert [m.value for m in fid] == [r["fid"] for r in jsonl if "fid" in r]
-    assert len(client.get_metric_history(run.info.run_id, "kid")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "eval/kid")) == 2
 
     files = set(_artifacts(client, run.info.run_id))
-    assert {"config.yaml", "samples/step_0000003.png", "samples/step_0000006.png", "fid/step_0000003.json",
-            "fid/step_0000006.json", "checkpoints/best.pt", "checkpoints/ckpt-00000006.pt"} <= files
+    assert {"config.yaml", "fid/step_0000003.json", "fid/step_0000006.json", "checkpoints/best.pt",
+            "checkpoints/ckpt-00000006.pt"} <= files
+    assert sorted(_image_steps(files, "samples")) == [3, 6]  # sample grids through log_image (the slider)
     assert any(f.startswith("fid/fid-stats_") and f.endswith("_n8.npz") for f in files)  # reference stats
     got = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl")))
     assert got.read_text() == dump_config(cfg)
@@ -166,7 +174,7 @@ def test_run_on_a_real_server_holds_params_metrics_fid_samples_and_config(tmp_pa
     assert record["fid"] == fid[1].value and record["n_a"] == 8 and record["network_sha256"] == tags[
         "fid.network_sha256"]
     # proxied uploads: the files sit in the server's artifact destination, not in the client's folders
-    assert list(server.artifacts.rglob("step_0000006.png"))
+    assert list(server.artifacts.rglob("samples+step+6+*.png"))
 
 
 def test_training_survives_the_server_dying_mid_run(tmp_path, server, capfd):
@@ -208,7 +216,7 @@ def test_training_survives_the_server_dying_mid_run(tmp_path, server, capfd):
     # what reached the server before it died is in its store
     stored = MlflowClient(tracking_uri=f"sqlite:///{server.db}")
     run = _only_run(stored, "crash")
-    steps = sorted(m.step for m in stored.get_metric_history(run.info.run_id, "d_loss"))
+    steps = sorted(m.step for m in stored.get_metric_history(run.info.run_id, "train/d_loss"))
     assert steps == [1, 2, 3]
 
 
@@ -262,7 +270,7 @@ def test_default_store_is_sqlite_in_the_working_directory_and_resume_continues_t
     train(resumed)
     run = _only_run(client, "local")  # the same run, continued
     assert run.info.status == "FINISHED" and run.data.tags["rgan.resumed"] == "true"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "g_loss")) == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/g_loss")) == [1, 2, 3, 4]
     assert run.data.params["train.steps"] == "2" and run.data.tags["resumed.train.steps"] == "4"
     assert "checkpoints/ckpt-00000004.pt" not in set(_artifacts(client, run.info.run_id))  # policy: none
 

@@ -24,7 +24,7 @@ from rgan_dist.config import Config
 from rgan_dist.data import BatchIterator, make_batches, to_model_input
 from rgan_dist.ema import EMA
 from rgan_dist.engine import make_strategy, state
-from rgan_dist.engine.hooks import Callback, GradNorms, StopRequest, Throughput, progress_bar
+from rgan_dist.engine.hooks import Callback, Eta, GradNorms, StopRequest, Throughput, progress_bar
 from rgan_dist.engine.strategy import Strategy
 from rgan_dist.metrics.evaluator import make_evaluator
 from rgan_dist.models import build_models, describe
@@ -189,6 +189,7 @@ class Trainer:
         interrupted = False
         stop = StopRequest(distributed=s.world_size > 1)
         throughput = Throughput(self.reals_drawn)
+        eta = Eta(self.step, t.steps, cfg.eval.every)
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         stopped = False
@@ -204,7 +205,7 @@ class Trainer:
                                    skipped_samples=float(self.data.skipped), bad_steps=float(self.bad_steps_total))
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
-                                         img_s=f"{metrics['img_per_s']:.0f}", refresh=False)
+                                         img_s=f"{metrics['img_per_s']:.0f}", eta=eta.text(self.step), refresh=False)
                     logged = metrics
                 self._fire_stoppable("on_step_end", self.step, logged)
                 progress.update(1)
@@ -213,7 +214,9 @@ class Trainer:
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     eval_start = time.perf_counter()
                     self.evaluate()
-                    throughput.exclude(time.perf_counter() - eval_start)  # img/s measures training, not eval
+                    eval_seconds = time.perf_counter() - eval_start
+                    throughput.exclude(eval_seconds)  # img/s measures training, not eval
+                    eta.add_eval(eval_seconds)  # the ETA does count it
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                 # Ranks agree to stop at the same step (one tiny all-reduce), so the final checkpoint's
@@ -262,7 +265,7 @@ class Trainer:
         path = save_grid(images, self.cfg.out_dir / "samples" / f"step_{self.step:07d}.png",
                          nrow=self.cfg.train.sample_grid)
         self.samples.append(path)
-        self.tracker.log_artifact(path, "samples")
+        self.tracker.log_image(path, "samples", self.step)  # MLflow's image slider, one grid per step
         return path
 
     def evaluate(self) -> dict[str, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rgan_dist.config import dump_config
+from rgan_dist.tracking import mlflow_name
 
 if TYPE_CHECKING:
     from rgan_dist.sweep.results import TrialRow
@@ -39,6 +40,12 @@ class ParentRun:
         else:
             tags = {"rgan.sweep": spec.name, "mlflow.source.name": "rgan sweep", "mlflow.source.type": "JOB",
                     "rgan.sweep.scheduler": spec.scheduler.name, **git_state(),
+                    # the parent's description in the UI; each trial's run describes its own variant in words
+                    "mlflow.note.content": f"Sweep {spec.name}: {spec.num_samples} sample(s) of "
+                                           f"{json.dumps(spec.space, default=str)[:3000]} over {spec.base}, "
+                                           f"scheduler {spec.scheduler.name}. Compare the trials in the chart "
+                                           f"view: eval/fid against Step, or against eval/elapsed_s (x-axis "
+                                           f"Metric) for FID over wall-clock time.",
                     **{f"version.{k}": v for k, v in package_versions().items()}}
             if spec.paper:
                 tags["rgan.paper_table"] = spec.paper
@@ -85,11 +92,11 @@ class ParentRun:
                 self.client.set_terminated(child.info.run_id, "FINISHED" if done else "KILLED")
         finite = [r.best_fid for r in rows if r.best_fid is not None and math.isfinite(r.best_fid)]
         if finite:
-            self.client.log_metric(self.run_id, "best_fid", min(finite))
+            self.client.log_metric(self.run_id, mlflow_name("best_fid"), min(finite))
             best = min((r for r in rows if r.best_fid in finite), key=lambda r: r.best_fid)
             self.client.set_tag(self.run_id, "rgan.sweep.best_trial", best.trial_id)
             self.client.set_tag(self.run_id, "rgan.sweep.best_run", best.name)
-        self.client.log_metric(self.run_id, "trials", len(rows))
+        self.client.log_metric(self.run_id, "sweep/trials", len(rows))
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, status)
