@@ -102,3 +102,10 @@ def assert_ranks_identical(state: dict, world: int) -> None:
     assert all(r["fingerprint"] == ranks[0]["fingerprint"] for r in ranks)
     # ...while each rank kept its own noise stream and data slice.
     assert len({bytes(r["rng"]["gen"].numpy()) for r in ranks}) == world
+
+
+def image_steps(files: set[str], key: str) -> list[int]:
+    """Steps of the full-size images `log_image(key=..., step=...)` stored as
+    `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (beside a `+compressed.webp` thumbnail)."""
+    prefix = f"images/{key}+step+"
+    return sorted(int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png"))

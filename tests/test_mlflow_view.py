@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO, TINY
+from jobs import image_steps
 
 from rgan_dist import losses
 from rgan_dist.config import load_config
@@ -55,13 +56,6 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
     return out
 
 
-def _image_steps(files: set[str], key: str) -> list[int]:
-    """Steps of the full-size images `log_image(key=..., step=...)` stored as
-    `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (beside a `+compressed.webp` thumbnail)."""
-    prefix = f"images/{key}+step+"
-    return sorted(int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png"))
-
-
 @pytest.mark.slow
 def test_a_run_reads_at_a_glance_in_mlflow(tmp_path, capfd):
     import numpy as np
@@ -93,7 +87,7 @@ def test_a_run_reads_at_a_glance_in_mlflow(tmp_path, capfd):
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
 
     # sample grids on the image slider: one per sample step, under the key "samples"
-    assert _image_steps(_artifacts(client, rid), "samples") == [2, 4, 6]
+    assert image_steps(_artifacts(client, rid), "samples") == [2, 4, 6]
     assert tags.get("mlflow.loggedImages") == "True"
 
     # system metrics, sampled while the run was open (rank 0's tracker is the only one that samples)

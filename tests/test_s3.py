@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import test_resume_shards as resume_shards
 from conftest import DEMO, TINY, free_port
-from jobs import assert_same_training_state, ckpt, job_env, ok, run_job, torchrun
+from jobs import assert_same_training_state, ckpt, image_steps, job_env, ok, run_job, torchrun
 from test_sweep import TINY as SWEEP_TRIAL
 from test_sweep import write_sweep
 
@@ -179,14 +179,14 @@ def test_mlflow_artifacts_land_in_the_bucket(tmp_path, bucket, s3_server, monkey
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"s3://{bucket}/mlruns/s3/")
     prefix = f"mlruns/s3/{run.info.run_id}/artifacts/"
     keys = {k[len(prefix):] for k in s3_server.keys(bucket, prefix)}
-    assert {"config.yaml", "samples/step_0000002.png", "samples/step_0000004.png",
-            "checkpoints/ckpt-00000004.pt"} <= keys, keys
+    assert {"config.yaml", "checkpoints/ckpt-00000004.pt"} <= keys, keys
+    assert image_steps(keys, "samples") == [2, 4], keys  # the grids, through log_image
+    (grid,) = [k for k in keys if k.startswith("images/samples+step+4+") and k.endswith(".png")]
     body = s3_server.client().get_object(Bucket=bucket, Key=prefix + "config.yaml")["Body"].read()
     assert body == (cfg.out_dir / "config.yaml").read_bytes()
     assert not (tmp_path / "mlruns").exists()  # nothing went to the local default
-    got = client.download_artifacts(run.info.run_id, "samples/step_0000004.png", str(tmp_path / "dl"))
-    assert Path(got).read_bytes() == s3_server.client().get_object(
-        Bucket=bucket, Key=prefix + "samples/step_0000004.png")["Body"].read()
+    got = client.download_artifacts(run.info.run_id, grid, str(tmp_path / "dl"))
+    assert Path(got).read_bytes() == s3_server.client().get_object(Bucket=bucket, Key=prefix + grid)["Body"].read()
 
 
 # ------------------------------------------------------------------------------------------ Ray storage
