@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,30 @@ def test_aws_cluster_has_gpu_workers_and_no_training_on_the_head():
     gpu_types = [t for name, t in types.items() if name != prepared["head_node_type"]]
     assert gpu_types and all(t["resources"]["GPU"] >= 1 for t in gpu_types)
     assert sum(t.get("max_workers", 0) for t in gpu_types) >= prepared["max_workers"]
+
+
+def test_aws_workers_get_an_instance_profile_for_s3():
+    """Ray's AWS bootstrap gives the head an instance profile, not the workers: trials there reading s3://
+    shards or writing s3:// storage need one set in each worker type's node_config."""
+    prepared = ray_validate(load("aws-gpu.yaml"))
+    for name, t in prepared["available_node_types"].items():
+        if name != prepared["head_node_type"]:
+            assert t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_mlflow_store_outlives_ray_down_and_a_second_ray_up_starts_no_second_server(path):
+    """The server's store is on the shared mount (not in the container, which `ray down` deletes), the mount
+    is the same path in every container, and the start command is guarded by pgrep (head_start_ray_commands
+    run again on every `ray up`)."""
+    prepared = ray_validate(yaml.safe_load(path.read_text()))
+    (cmd,) = [c for c in prepared["head_start_ray_commands"] if "mlflow server" in c]
+    assert cmd.startswith("pgrep -f 'mlflow server' >/dev/null || (")
+    store = re.search(r"--backend-store-uri (\S+)", cmd).group(1)
+    artifacts = re.search(r"--artifacts-destination (\S+)", cmd).group(1)
+    for where in (store.removeprefix("sqlite:///"), artifacts):
+        assert where.startswith(("/mnt/shared/", "s3://")), where
+    assert "-v /mnt/shared:/mnt/shared" in prepared["docker"]["run_options"]
 
 
 def test_onprem_cluster_lists_its_hosts():
@@ -187,7 +212,7 @@ class TwoNodeCluster:
         """`ray job submit --working-dir DIR -- ENTRYPOINT`, waiting for the end: (status, logs)."""
         job_id = f"rgan-test-{time.time_ns()}"
         p = self._ray("job", "submit", "--address", self.dashboard_url, "--submission-id", job_id,
-                      "--working-dir", str(working_dir), "--", entrypoint, timeout=timeout)
+                      "--working-dir", str(working_dir), "--", *shlex.split(entrypoint), timeout=timeout)
         status = self._ray("job", "status", "--address", self.dashboard_url, job_id).stdout
         return status, p.stdout + p.stderr
 

@@ -77,6 +77,8 @@ class SweepConfig:
     storage: str = _f("", "Ray storage for the experiment and trial checkpoints (a folder every node mounts, or "
                           "s3://...); default: out_dir's parent. Required on a cluster (--address).")
     paper: str = _f("", "A table of configs/paper/reference_fid.toml to print beside ours (cifar10, cat, ...).")
+    data_root: str = _f("", "The folder relative data.shards paths are under (default: the working directory); on "
+                            "a cluster, one every node mounts at that path (data_root=/mnt/shared).")
     # Set by `load_sweep`, never by the file:
     path: Path = field(default=Path(), init=False)
     base_config: Config = field(default_factory=Config, init=False)  # base + fixed overrides, paths absolute
@@ -178,10 +180,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         cfg = load_config(spec.base)
     with _at(f"{where}: overrides"):
         cfg = config_from_dict(cfg.to_dict(), values={**spec.overrides, **training})
-    cfg = spec.base_config = _resolve_paths(cfg, cluster, where)
+    if spec.data_root and "://" not in spec.data_root:
+        spec.data_root = os.path.abspath(Path(spec.data_root).expanduser())
+    cfg = spec.base_config = _resolve_paths(cfg, cluster, spec.data_root, where)
     space = _without_keys(spec.space, set(training))
     _check_space(space, cfg, f"{where}: space")
-    spec.space = _absolute_space(space, cluster, f"{where}: space")
+    spec.space = _absolute_space(space, cluster, spec.data_root, f"{where}: space")
     _check_against_training(spec, cfg, where)
     if spec.storage and "://" not in spec.storage:
         spec.storage = os.path.abspath(Path(spec.storage).expanduser())
@@ -256,21 +260,22 @@ def _absolute_path(value: Any) -> Any:
 def _cluster_path(key: str, value: Any, at: str) -> Any:
     """On a cluster a path is read on the trial's node: a relative data location names nothing there."""
     if key == "data.shards" and not _is_url(value) and not Path(value).expanduser().is_absolute():
-        raise _err(at, f"{value!r} is relative to this machine, but on a cluster every "
-                                            f"trial's node reads the shards: give a folder every node mounts or "
-                                            f"a URL, e.g. on the command line data.shards=/mnt/shared/data/NAME "
-                                            f"or data.shards=s3://BUCKET/NAME")
+        raise _err(at, f"{value!r} is relative to this machine, but on a cluster every trial's node reads the "
+                       f"shards: name the folder every node mounts them under (data_root=/mnt/shared on the "
+                       f"command line), or give data.shards=/mnt/shared/data/NAME or a URL (s3://BUCKET/NAME)")
     return value
 
 
-def _resolve(key: str, value: Any, cluster: bool, at: str) -> Any:
+def _resolve(key: str, value: Any, cluster: bool, data_root: str, at: str) -> Any:
+    if key == "data.shards" and data_root and not _is_url(value) and not Path(value).expanduser().is_absolute():
+        value = f"{data_root.rstrip('/')}/{value}"
     return _cluster_path(key, value, at) if cluster else _absolute_path(value)
 
 
-def _resolve_paths(cfg: Config, cluster: bool, where: str) -> Config:
+def _resolve_paths(cfg: Config, cluster: bool, data_root: str, where: str) -> Config:
     flat = cfg.flat()
-    return config_from_dict(cfg.to_dict(), values={key: _resolve(key, flat[key], cluster, f"{where}: {key}")
-                                                   for key in PATH_KEYS})
+    return config_from_dict(cfg.to_dict(), values={
+        key: _resolve(key, flat[key], cluster, data_root, f"{where}: {key}") for key in PATH_KEYS})
 
 
 def resolve_trial_paths(cfg: Config) -> Config:
@@ -279,11 +284,11 @@ def resolve_trial_paths(cfg: Config) -> Config:
     return config_from_dict(cfg.to_dict(), values={key: _absolute_path(flat[key]) for key in PATH_KEYS})
 
 
-def _absolute_space(space: dict[str, Any], cluster: bool, where: str) -> dict[str, Any]:
+def _absolute_space(space: dict[str, Any], cluster: bool, data_root: str, where: str) -> dict[str, Any]:
     """The space with every value of a path key (also inside groups and distributions) resolved."""
 
     def fix(key: str, value: Any) -> Any:
-        return _resolve(key, value, cluster, f"{where}.{key}")
+        return _resolve(key, value, cluster, data_root, f"{where}.{key}")
 
     def fix_entry(key: str, spec: Any) -> Any:
         if "." in key:
