@@ -398,9 +398,10 @@ def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_addre
 
 
 def test_a_cluster_sweep_without_storage_is_a_one_line_error_before_ray(tmp_path, capsys, monkeypatch):
-    """Trials on other nodes cannot reach a folder of the driver's machine: `--address` needs `storage`."""
+    """Trials on other nodes cannot reach a folder of the driver's machine: `--address` needs `storage`.
+    (An address where no Ray listens: a regression must not run trials on some cluster `auto` would find.)"""
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--config", str(SWEEPS / "smoke.yaml"), "--address", "auto"]) == 2
+    assert sweep_cli.main(["--config", str(SWEEPS / "smoke.yaml"), "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rgan sweep: error: rgan sweep --address: sweep ") and "sets no storage" in err
     assert "storage=/mnt/shared/sweeps" in err and err.count("\n") == 1
