@@ -30,6 +30,7 @@ from rgan_dist.sweep import (
     run_sweep,
     trial_overrides,
     trial_run_name,
+    write_results,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -392,6 +393,9 @@ def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_addre
     assert _cluster_uri("http://mlflow.example.org:5000") == "http://mlflow.example.org:5000"
     assert _cluster_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert "trials on other nodes cannot log to it" in capsys.readouterr().err
+    # a SQLite file in the sweep's shared storage folder is reachable from every node
+    assert _cluster_uri("sqlite:////mnt/shared/mlflow.db", "/mnt/shared") == "sqlite:////mnt/shared/mlflow.db"
+    assert capsys.readouterr().err == ""
 
 
 # ------------------------------------------------------------------------------- on a cluster (--address)
@@ -486,3 +490,15 @@ def test_data_root_places_every_relative_shard_path_of_the_space_on_shared_stora
     assert shards == {"/mnt/shared/data/cat64", "/mnt/shared/data/cat128", "/mnt/shared/data/cat256"}, shards
     with pytest.raises(ConfigError, match="data_root=/mnt/shared on the command line"):
         load_sweep(SWEEPS / "paper_cat.yaml", [f"storage={tmp_path}"], cluster=True)
+
+
+def test_with_an_object_store_as_storage_the_table_is_copied_beside_the_experiment(tmp_path):
+    """s3://... storage: the table goes there too (pyarrow's filesystems, as Ray's storage; file:// here, an
+    object-store URI that needs no server). A folder storage holds out_dir already: nothing to copy."""
+    from rgan_dist.sweep.driver import copy_to_storage
+
+    spec = load_sweep(SWEEPS / "smoke.yaml", [f"storage=file://{tmp_path / 'store'}", f"out_dir={tmp_path / 'o'}"])
+    _, files = write_results([], spec)
+    assert copy_to_storage(files, spec) == [f"file://{tmp_path}/store/smoke/{f.name}" for f in files]
+    assert (tmp_path / "store" / "smoke" / "results.md").read_text() == (tmp_path / "o" / "results.md").read_text()
+    assert copy_to_storage(files, load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path / 'shared'}"])) == []

@@ -82,6 +82,22 @@ def _cluster_uri(uri: str, shared_folder: str = "") -> str:
     return uri
 
 
+def copy_to_storage(files: list[Path], spec: SweepConfig) -> list[str]:
+    """With an object store as `storage` (s3://...), the results table is also put beside Ray's experiment
+    there: the driver's own folder may be a Ray job's temporary copy of the checkout. A folder `storage`
+    already holds it (out_dir is in it)."""
+    if not spec.storage or spec.shared_folder:
+        return []
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
+    fs.create_dir(root, recursive=True)
+    for path in files:
+        pyarrow.fs.copy_files(str(path), f"{root}/{path.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+    return [f"{spec.experiment_path.rstrip('/')}/{path.name}" for path in files]
+
+
 def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False,
               verbose: int = 1) -> SweepResult:
     """Run (or, with `resume`, continue) the sweep and write its table. Uses the Ray instance this process
@@ -158,6 +174,8 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
         results = tuner.fit()
         rows = collect_rows(results, spec)
         table, files = write_results(rows, spec)
+        for dest in copy_to_storage(files, spec):
+            print(f"rgan sweep: copied to {dest}", flush=True)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
