@@ -1,8 +1,11 @@
 """`rgan sweep --config FILE [--address auto]`: a Ray Tune sweep of training runs (rgan_dist.sweep).
 
+On a cluster, through Ray Jobs (the submitter's checkout travels as the job's working_dir; see README):
+    ray job submit --address http://HEAD:8265 --working-dir . -- rgan sweep \
+        --config configs/sweeps/paper_cifar10.yaml --address auto storage=/mnt/shared/sweeps ...
 Also the script `ray submit` runs on a cluster's head node, where `rgan` may not be on PATH:
-    ray submit launcher/cluster/aws-gpu.yaml launcher/sweep.py -- \
-        --config configs/sweeps/paper_cifar10.yaml --address auto
+    ray submit --tmux launcher/cluster/aws-gpu.yaml launcher/sweep.py -- \
+        --config configs/sweeps/paper_cifar10.yaml --address auto storage=/mnt/shared/sweeps ...
 A relative `--config` that does not exist in the working directory is looked up in the source checkout
 the package was installed from (in the Docker image: /opt/rgan-dist).
 """
@@ -15,8 +18,9 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="sweep file (configs/sweeps/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override a key of the base training config for every trial")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="section.key=value: a key of every trial's training config (wins over the sweep file, "
+                        "its space included); key=value without a dot: a sweep setting (storage=/mnt/shared/sweeps)")
     p.add_argument("--address", help="Ray cluster to join ('auto': the cluster of this node, e.g. under ray submit); "
                                      "default: start a local Ray")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started without --address")
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rgan_dist.sweep import load_sweep, run_sweep
 
     check_dry_run_arguments(args)
-    spec = load_sweep(args.config, args.overrides, name=args.name)
+    spec = load_sweep(args.config, args.overrides, name=args.name, cluster=bool(args.address))
     if args.dry_run:
         from rgan_dist.sweep import describe_trial, planned_trials
 

@@ -30,6 +30,7 @@ from rgan_dist.sweep import (
     run_sweep,
     trial_overrides,
     trial_run_name,
+    write_results,
 )
 from rgan_dist.tracking import LOSS_WORDS
 
@@ -395,3 +396,112 @@ def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_addre
     assert _cluster_uri("http://mlflow.example.org:5000") == "http://mlflow.example.org:5000"
     assert _cluster_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert "trials on other nodes cannot log to it" in capsys.readouterr().err
+    # a SQLite file in the sweep's shared storage folder is reachable from every node
+    assert _cluster_uri("sqlite:////mnt/shared/mlflow.db", "/mnt/shared") == "sqlite:////mnt/shared/mlflow.db"
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------- on a cluster (--address)
+
+
+def test_a_cluster_sweep_without_storage_is_a_one_line_error_before_ray(tmp_path, capsys, monkeypatch):
+    """Trials on other nodes cannot reach a folder of the driver's machine: `--address` needs `storage`.
+    (An address where no Ray listens: a regression must not run trials on some cluster `auto` would find.)"""
+    monkeypatch.chdir(tmp_path)
+    assert sweep_cli.main(["--config", str(SWEEPS / "smoke.yaml"), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rgan sweep: error: rgan sweep --address: sweep ") and "sets no storage" in err
+    assert "storage=/mnt/shared/sweeps" in err and err.count("\n") == 1
+    # the library refuses too, before connecting to anything
+    with pytest.raises(UsageError, match="sets no storage"):
+        run_sweep(load_sweep(SWEEPS / "smoke.yaml"), address="127.0.0.1:1")
+
+
+def test_storage_on_the_command_line_holds_the_sweeps_outputs(tmp_path):
+    """A key without a dot is a sweep setting; with storage a folder, the trial outputs, the table and Ray's
+    experiment are all in <storage>/<name> (an explicit out_dir still wins)."""
+    spec = load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path / 'shared'}"], cluster=True)
+    assert spec.storage == str(tmp_path / "shared") and spec.shared_folder == spec.storage
+    assert spec.out_dir == str(tmp_path / "shared" / "smoke") == spec.experiment_path
+    spec = load_sweep(SWEEPS / "smoke.yaml", ["storage=s3://bucket/sweeps"], cluster=True)
+    assert spec.experiment_path == "s3://bucket/sweeps/smoke" and spec.shared_folder == ""
+    spec = load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path}", f"out_dir={tmp_path / 'o'}"])
+    assert spec.out_dir == str(tmp_path / "o")
+    with pytest.raises(ConfigError, match="command line: unknown key 'storag'"):
+        load_sweep(SWEEPS / "smoke.yaml", ["storag=/x"])
+
+
+def test_on_a_cluster_the_data_must_be_shared_and_the_command_line_beats_the_space(tmp_path):
+    """A relative data.shards names a folder of the driver's machine: an error on a cluster. The command
+    line's data.shards wins over the file, its space included (a dotted entry or inside a group)."""
+    shared = [f"storage={tmp_path}"]
+    path = write_sweep(tmp_path / "data.yaml", overrides={**TINY, "data.shards": "data/cifar10"})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, shared, cluster=True)
+    assert "data.shards: 'data/cifar10' is relative to this machine" in str(e.value) and "\n" not in str(e.value)
+    assert load_sweep(path).base_config.data.shards == os.path.abspath("data/cifar10")  # local: resolved here
+    spec = load_sweep(path, [*shared, "data.shards=/mnt/shared/cifar10"], cluster=True)
+    assert spec.base_config.data.shards == "/mnt/shared/cifar10"
+    assert load_sweep(path, [*shared, "data.shards=s3://b/cifar10"], cluster=True).base_config.data.shards \
+        == "s3://b/cifar10"
+    spaced = write_sweep(tmp_path / "spaced.yaml", space={
+        "data.shards": {"grid": ["data/a", "data/b"]},
+        "setup": {"grid": [{"label": "x", "data.shards": "data/c", "train.lr_d": 1e-3}, {"train.lr_d": 1e-4}]}})
+    with pytest.raises(ConfigError, match="space.data.shards: 'data/a' is relative"):
+        load_sweep(spaced, shared, cluster=True)
+    spec = load_sweep(spaced, [*shared, "data.shards=/mnt/shared/x"], cluster=True)
+    assert "data.shards" not in spec.space and "data.shards" not in spec.varied_keys
+    trials = planned_trials(spec)
+    assert len(trials) == 2 and all("data.shards" not in trial_overrides(t) for t in trials)
+    assert {t["setup"].get("label") for t in trials} == {"x", None}
+
+
+def test_on_a_cluster_repo_paths_resolve_in_each_trial_against_its_own_checkout(tmp_path):
+    """A DeepSpeed JSON named relative to the checkout stays relative on the driver; the trial resolves it
+    against the code it runs (on a cluster: the checkout the driver shipped)."""
+    from rgan_dist.sweep import TrialSetup
+    from rgan_dist.sweep.spec import REPO_ROOT
+
+    rel = "configs/deepspeed/zero2.json"
+    assert (REPO_ROOT / rel).is_file()
+    spec = load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path}", "dist.strategy=deepspeed",
+                                                     f"dist.deepspeed_config={rel}"], cluster=True)
+    assert spec.base_config.dist.deepspeed_config == rel
+    setup = TrialSetup(sweep="smoke", base=spec.base_config.to_dict(), out_dir=spec.out_dir)
+    cfg = setup.trial_config("abc_00000", {"loss.name": "rsgan"}, None)
+    assert cfg.dist.deepspeed_config == str(REPO_ROOT / rel)
+
+
+def test_the_driver_ships_its_checkout_unless_the_ray_job_already_did():
+    from rgan_dist.sweep.driver import JOB_CONFIG_ENV, code_runtime_env
+    from rgan_dist.sweep.spec import REPO_ROOT
+
+    assert code_runtime_env({}) == {"working_dir": str(REPO_ROOT)}
+    job = {JOB_CONFIG_ENV: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}, "metadata": {}})}
+    assert code_runtime_env(job) is None  # `ray job submit --working-dir .`: this process runs from that copy
+    bare_job = {JOB_CONFIG_ENV: json.dumps({"runtime_env": {}, "metadata": {}})}
+    assert code_runtime_env(bare_job) == {"working_dir": str(REPO_ROOT)}
+    ignored = (ROOT / ".rayignore").read_text().split()
+    assert {".git", "/data/"} <= set(ignored)  # what the upload leaves out besides .gitignore's run outputs
+
+
+def test_data_root_places_every_relative_shard_path_of_the_space_on_shared_storage(tmp_path):
+    """paper_cat varies data.shards with the resolution (data/cat64, ...): data_root=/mnt/shared puts all of
+    them on the shared mount, so one command line serves the whole space on a cluster."""
+    spec = load_sweep(SWEEPS / "paper_cat.yaml", [f"storage={tmp_path}", "data_root=/mnt/shared"], cluster=True)
+    shards = {entry["data.shards"] for entry in spec.space["size"]["grid"]}
+    assert shards == {"/mnt/shared/data/cat64", "/mnt/shared/data/cat128", "/mnt/shared/data/cat256"}, shards
+    with pytest.raises(ConfigError, match="data_root=/mnt/shared on the command line"):
+        load_sweep(SWEEPS / "paper_cat.yaml", [f"storage={tmp_path}"], cluster=True)
+
+
+def test_with_an_object_store_as_storage_the_table_is_copied_beside_the_experiment(tmp_path):
+    """s3://... storage: the table goes there too (pyarrow's filesystems, as Ray's storage; file:// here, an
+    object-store URI that needs no server). A folder storage holds out_dir already: nothing to copy."""
+    from rgan_dist.sweep.driver import copy_to_storage
+
+    spec = load_sweep(SWEEPS / "smoke.yaml", [f"storage=file://{tmp_path / 'store'}", f"out_dir={tmp_path / 'o'}"])
+    _, files = write_results([], spec)
+    assert copy_to_storage(files, spec) == [f"file://{tmp_path}/store/smoke/{f.name}" for f in files]
+    assert (tmp_path / "store" / "smoke" / "results.md").read_text() == (tmp_path / "o" / "results.md").read_text()
+    assert copy_to_storage(files, load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path / 'shared'}"])) == []

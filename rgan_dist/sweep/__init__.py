@@ -27,7 +27,11 @@ Modules: `spec` (the file), `space` (search spaces, schedulers, trial names), `t
 `parent` (the MLflow parent run), `results` (the table), `driver` (`run_sweep`).
 
 Paths in the base config (data, DeepSpeed JSON, Inception file) are made absolute on the driver, because
-Tune runs each trial in its own working directory and, on a cluster, on another machine.
+Tune runs each trial in its own working directory. On a cluster (`--address`) trials run on other machines:
+`storage` (a folder every node mounts, or s3://) is required and holds the outputs; the data must be shared
+(`data_root`, an absolute `data.shards` or a URL); other relative paths resolve in each trial against the
+checkout it runs, which the driver ships as the Ray runtime_env working_dir (or `ray job submit
+--working-dir .` did).
 """
 
 from rgan_dist.sweep.driver import SweepResult, run_sweep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -13,10 +14,11 @@ from rgan_dist.errors import UsageError
 from rgan_dist.sweep.parent import ParentRun
 from rgan_dist.sweep.results import TrialRow, collect_rows, write_results
 from rgan_dist.sweep.space import make_scheduler, param_space
-from rgan_dist.sweep.spec import SweepConfig
+from rgan_dist.sweep.spec import REPO_ROOT, SweepConfig, cluster_storage_error
 from rgan_dist.sweep.trial import SWEEP_FAULT_ENV, TrialSetup, trial_main
 
 TRIAL_DRIVER_CPUS = 0.01  # the Tune function of a multi-worker trial only waits on its TorchTrainer
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray Jobs for the entrypoint: the job's runtime_env
 
 
 @dataclass
@@ -33,30 +35,67 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def code_runtime_env(environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The Ray `runtime_env` that ships this checkout to every node, so trials import the submitter's code,
+    not whatever version the nodes' image holds. None when there is nothing to add: inside a Ray job that
+    already carries a working_dir (`ray job submit --working-dir .`: this process runs from that copy), or
+    when the package is installed without its source tree. What is left out (.git, data, venvs, run
+    outputs) is listed in .gitignore and .rayignore, which `ray job submit` reads too."""
+    environ = os.environ if environ is None else environ
+    job = json.loads(environ.get(JOB_CONFIG_ENV) or "{}")
+    if (job.get("runtime_env") or {}).get("working_dir"):
+        return None
+    if not (REPO_ROOT / "pyproject.toml").is_file() or not (REPO_ROOT / "rgan_dist").is_dir():
+        return None
+    return {"working_dir": str(REPO_ROOT)}
+
+
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
+        env = code_runtime_env()
+        print(f"rgan sweep: trials run the code in {REPO_ROOT}"
+              + (" (shipped to the cluster as the runtime_env working_dir)" if env else ""), flush=True)
+        ray.init(address=address, runtime_env=env)
     else:
         ray.init(num_cpus=num_cpus)
 
 
-def _cluster_uri(uri: str) -> str:
+def _cluster_uri(uri: str, shared_folder: str = "") -> str:
     """On a cluster, trials run on other nodes: an MLflow server named `localhost` is this (the head) node,
-    so they get its address instead; a SQLite file is local to each node, which splits the sweep's runs."""
+    so they get its address instead; a SQLite file is local to each node, which splits the sweep's runs,
+    unless it lies in the sweep's shared storage folder."""
     import ray
 
     m = re.match(r"^(https?://)(localhost|127\.0\.0\.1)(?=[:/]|$)(.*)$", uri)
     if m:
         return f"{m.group(1)}{ray.util.get_node_ip_address()}{m.group(3)}"
-    if uri.startswith("sqlite:"):
+    shared = shared_folder.rstrip("/") + "/"
+    if uri.startswith("sqlite:") and not (shared_folder and uri.removeprefix("sqlite:///").startswith(shared)):
         print(f"rgan sweep: warning: MLflow store {uri} is a file on this node; trials on other nodes cannot log "
-              f"to it. Start an MLflow server (the cluster YAMLs do, on port 5000) and pass "
-              f"tracking.mlflow_uri=http://localhost:5000", file=sys.stderr, flush=True)
+              f"to it. Put it in the sweep's storage folder (leave tracking.mlflow_uri empty), or start an MLflow "
+              f"server (the cluster YAMLs do, on port 5000) and pass tracking.mlflow_uri=http://localhost:5000",
+              file=sys.stderr, flush=True)
     return uri
+
+
+def copy_to_storage(files: list[Path], spec: SweepConfig) -> list[str]:
+    """With an object store as `storage` (s3://...), the results table is also put beside Ray's experiment
+    there: the driver's own folder may be a Ray job's temporary copy of the checkout. A folder `storage`
+    already holds it (out_dir is in it)."""
+    if not spec.storage or spec.shared_folder:
+        return []
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(spec.experiment_path)
+    fs.create_dir(root, recursive=True)
+    for path in files:
+        pyarrow.fs.copy_files(str(path), f"{root}/{path.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+    return [f"{spec.experiment_path.rstrip('/')}/{path.name}" for path in files]
 
 
 def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | None = None, resume: bool = False,
@@ -69,12 +108,9 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
     from rgan_dist.tracking import resolve_store
 
     exp_path = spec.experiment_path
-    _init_ray(address, num_cpus)
     if address and not spec.storage:
-        print(f"rgan sweep: warning: the sweep file sets no `storage:`; on a multi-node cluster trial checkpoints "
-              f"then stay on the node that wrote them ({exp_path}), so a trial restarted elsewhere, and --resume, "
-              f"cannot find them. Set storage: s3://BUCKET/rgan-sweeps or a folder every node mounts.",
-              file=sys.stderr, flush=True)
+        raise UsageError(cluster_storage_error(spec.path))
+    _init_ray(address, num_cpus)
     can_restore = tune.Tuner.can_restore(exp_path)
     if resume and not can_restore:
         raise UsageError(f"rgan sweep --resume: no sweep to continue at {exp_path}; run it without --resume")
@@ -85,9 +121,11 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
     parent: ParentRun | None = None
     uri = ""
     if cfg.tracking.enabled:
-        uri, artifacts = resolve_store(cfg.tracking.mlflow_uri, artifact_root=cfg.tracking.artifact_root)
+        # On a cluster the default store (a SQLite file, artifacts beside it) is in the shared folder.
+        uri, artifacts = resolve_store(cfg.tracking.mlflow_uri, (spec.shared_folder or None) if address else None,
+                                       artifact_root=cfg.tracking.artifact_root)
         if address:
-            uri = _cluster_uri(uri)
+            uri = _cluster_uri(uri, spec.shared_folder)
         try:
             parent = ParentRun(spec, uri, artifacts, resume=resume)
         except Exception as e:  # tracking must never stop a sweep
@@ -137,6 +175,8 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
         results = tuner.fit()
         rows = collect_rows(results, spec)
         table, files = write_results(rows, spec)
+        for dest in copy_to_storage(files, spec):
+            print(f"rgan sweep: copied to {dest}", flush=True)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

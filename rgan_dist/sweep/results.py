@@ -31,6 +31,7 @@ class TrialRow:
     paper_fid: str = ""
     rank: int = 0
     error: str = ""
+    node_id: str = ""  # the Ray node of the trial's last report
 
 
 def _num(v: Any) -> float | None:
@@ -74,7 +75,7 @@ def collect_rows(results: Any, spec: SweepConfig) -> list[TrialRow]:
                              params=describe_trial(r.config or {}), overrides=overrides, best_fid=best,
                              final_fid=_num(m.get("fid")), step=step, outcome=outcome,
                              restored_from_step=int(m.get("restored_from_step") or 0),
-                             mlflow_run_id=str(m.get("mlflow_run_id") or ""),
+                             mlflow_run_id=str(m.get("mlflow_run_id") or ""), node_id=str(m.get("node_id") or ""),
                              paper_fid=cell.text() if cell else "", error=error))
     rows.sort(key=lambda x: (x.best_fid is None, x.best_fid if x.best_fid is not None else 0.0, x.trial_id))
     for i, row in enumerate(rows, 1):
@@ -125,10 +126,10 @@ def write_results(rows: list[TrialRow], spec: SweepConfig) -> tuple[str, list[Pa
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["rank", "trial_id", "run_name", *keys, "best_fid", "final_fid", "step", "outcome",
-                     "restored_from_step", "mlflow_run_id", "paper_fid", "error"])
+                     "restored_from_step", "mlflow_run_id", "paper_fid", "error", "node_id"])
     for r in rows:
         writer.writerow([r.rank, r.trial_id, r.name, *(r.params.get(k, "") for k in keys), r.best_fid, r.final_fid,
-                         r.step, r.outcome, r.restored_from_step, r.mlflow_run_id, r.paper_fid, r.error])
+                         r.step, r.outcome, r.restored_from_step, r.mlflow_run_id, r.paper_fid, r.error, r.node_id])
     csv_path = spec.out_path / "results.csv"
     csv_path.write_text(buf.getvalue())
     js = spec.out_path / "results.json"

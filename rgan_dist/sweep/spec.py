@@ -32,7 +32,8 @@ SCHEDULERS = ("fifo", "asha", "pbt")
 # Keys PBT may change on a running trial: anything that keeps parameter shapes, data and bookkeeping.
 PBT_MUTABLE_SECTIONS = ("loss", "train")
 PBT_IMMUTABLE_KEYS = ("train.steps", "train.seed", "train.batch_size")
-PATH_KEYS = ("data.shards", "dist.deepspeed_config", "eval.inception")  # resolved on the driver
+PATH_KEYS = ("data.shards", "dist.deepspeed_config", "eval.inception")  # resolved on the driver (see load_sweep)
+DEFAULT_OUT_DIR = "runs/sweeps/{name}"
 
 
 @dataclass
@@ -71,13 +72,17 @@ class SweepConfig:
     max_concurrent_trials: int = _f(0, "Trials at once (0: as many as the resources allow).", min=0)
     max_failures: int = _f(2, "Retries of a failed trial, each from its last checkpoint.", min=0)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    out_dir: str = _f("runs/sweeps/{name}", "Trial outputs, the Ray experiment and results.{md,csv,json}.")
-    storage: str = _f("", "Ray storage for the experiment and trial checkpoints (shared folder or s3://...); "
-                          "default: out_dir's parent. Needed on a multi-node cluster.")
+    out_dir: str = _f(DEFAULT_OUT_DIR, "Trial outputs, the Ray experiment and results.{md,csv,json} (default: "
+                                       "<storage>/{name} when storage is a folder).")
+    storage: str = _f("", "Ray storage for the experiment and trial checkpoints (a folder every node mounts, or "
+                          "s3://...); default: out_dir's parent. Required on a cluster (--address).")
     paper: str = _f("", "A table of configs/paper/reference_fid.toml to print beside ours (cifar10, cat, ...).")
+    data_root: str = _f("", "The folder relative data.shards paths are under (default: the working directory); on "
+                            "a cluster, one every node mounts at that path (data_root=/mnt/shared).")
     # Set by `load_sweep`, never by the file:
     path: Path = field(default=Path(), init=False)
     base_config: Config = field(default_factory=Config, init=False)  # base + fixed overrides, paths absolute
+    cluster: bool = field(default=False, init=False)  # read for a cluster: relative paths resolve on each node
 
     @property
     def out_path(self) -> Path:
@@ -91,6 +96,11 @@ class SweepConfig:
     @property
     def storage_path(self) -> str:
         return self.storage or str(self.out_path.parent)
+
+    @property
+    def shared_folder(self) -> str:
+        """`storage` when it is a folder (every node mounts it), else "" (none, or an object store)."""
+        return self.storage if self.storage and "://" not in self.storage else ""
 
     @property
     def varied_keys(self) -> list[str]:
@@ -122,11 +132,26 @@ def _checked(cfg: Config, values: dict[str, Any], where: str) -> Config:
         return config_from_dict(cfg.to_dict(), values=values)
 
 
-def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, name: str | None = None
-               ) -> SweepConfig:
-    """Read and check a sweep file. `overrides` (`section.key=value`, the command line) change the base
-    config of every trial, over the file's own `overrides`; the space still sets what it varies. Every
-    error is one line naming the file and the key."""
+def _split_overrides(items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The command line's `key=value`s as (the sweep's own settings: keys without a dot, like `storage=...`;
+    the training config's `section.key`s). Values are read as YAML by the one override parser."""
+    settings = [i for i in items if "." not in i.partition("=")[0]]
+    training = [i for i in items if i not in settings]
+    return ({k.removeprefix("sweep."): v for k, v in parse_overrides([f"sweep.{i}" for i in settings]).items()},
+            parse_overrides(training))
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, name: str | None = None,
+               cluster: bool = False) -> SweepConfig:
+    """Read and check a sweep file. `overrides` (`key=value`, the command line) win over the file: a key
+    without a dot is a sweep setting (`storage=/mnt/shared/sweeps`), a `section.key` changes the base config
+    of every trial, over the file's `overrides` and over the space (a key the space varies is then taken
+    out of it: the command line is how a cluster's data location reaches every trial).
+
+    `cluster` (the sweep runs on a Ray cluster, `--address`): `storage` is required, and paths are not
+    resolved on this machine: a relative `data.shards` is an error (the data must be on shared storage or a
+    URL), other relative paths are resolved by each trial against the code it runs (the shipped checkout).
+    Every error is one line naming the file and the key."""
     p = find_file(path)
     where = f"sweep {str(path)!r}"
     if not p.is_file():
@@ -137,28 +162,61 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         raise _err(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise _err(where, "top level must be a mapping")
+    settings, training = _split_overrides(overrides)
     spec = SweepConfig()
     with _at(where):
         fill_section(spec, data, "config")
+    with _at(f"{where}: command line"):
+        fill_section(spec, settings, "config")
     if not spec.base or not spec.space:
         raise _err(where, "needs `base:` (a training config) and `space:` (what varies)")
     spec.name = name or spec.name or p.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
         raise _err(where, f"name {spec.name!r}: use letters, digits, '-', '_' or '.'")
     spec.path = p
+    spec.cluster = cluster
     spec.base = str(p.parent / spec.base)
     with _at(f"{where}: base"):
         cfg = load_config(spec.base)
     with _at(f"{where}: overrides"):
-        cfg = config_from_dict(cfg.to_dict(), values={**spec.overrides, **parse_overrides(overrides)})
-    cfg = spec.base_config = _absolute_paths(cfg)
-    _check_space(spec.space, cfg, f"{where}: space")
-    spec.space = _absolute_space(spec.space)
+        cfg = config_from_dict(cfg.to_dict(), values={**spec.overrides, **training})
+    if spec.data_root and "://" not in spec.data_root:
+        spec.data_root = os.path.abspath(Path(spec.data_root).expanduser())
+    cfg = spec.base_config = _resolve_paths(cfg, cluster, spec.data_root, where)
+    space = _without_keys(spec.space, set(training))
+    _check_space(space, cfg, f"{where}: space")
+    spec.space = _absolute_space(space, cluster, spec.data_root, f"{where}: space")
     _check_against_training(spec, cfg, where)
-    spec.out_dir = os.path.abspath(Path(spec.out_dir.replace("{name}", spec.name)).expanduser())
     if spec.storage and "://" not in spec.storage:
         spec.storage = os.path.abspath(Path(spec.storage).expanduser())
+    if cluster and not spec.storage:
+        raise UsageError(cluster_storage_error(spec.path))
+    if spec.shared_folder and spec.out_dir == DEFAULT_OUT_DIR:
+        spec.out_dir = f"{spec.shared_folder}/{{name}}"  # trial outputs and the table beside Ray's experiment
+    spec.out_dir = os.path.abspath(Path(spec.out_dir.replace("{name}", spec.name)).expanduser())
     return spec
+
+
+def cluster_storage_error(path: str | Path) -> str:
+    return (f"rgan sweep --address: sweep {str(path)!r} sets no storage; on a cluster trials run on other nodes, "
+            f"so checkpoints, outputs and the results table need storage every node reaches: add "
+            f"storage=/mnt/shared/sweeps (a folder every node mounts) or storage=s3://BUCKET/sweeps")
+
+
+def _without_keys(space: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """The space without `keys` (set on the command line, which wins): dotted entries dropped, and the keys
+    taken out of each mapping of a group."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if key in keys:
+            continue
+        if "." not in key and isinstance(spec, dict) and len(spec) == 1:
+            kind, values = next(iter(spec.items()))
+            if isinstance(values, list):
+                spec = {kind: [{k: v for k, v in item.items() if k not in keys} if isinstance(item, dict) else item
+                               for item in values]}
+        out[key] = spec
+    return out
 
 
 def _check_against_training(spec: SweepConfig, cfg: Config, where: str) -> None:
@@ -181,24 +239,56 @@ def _check_against_training(spec: SweepConfig, cfg: Config, where: str) -> None:
             raise _err(f"{where}: paper", f"{spec.paper!r} unknown; choose one of {', '.join(table_names())}")
 
 
+def _is_url(value: Any) -> bool:
+    """sklearn:digits, pipe:..., http://..., s3://..., inline JSON: nothing to resolve."""
+    return not isinstance(value, str) or not value or bool(re.match(r"^[A-Za-z][\w+.-]*:", value)) \
+        or value.startswith("{")
+
+
 def _absolute_path(value: Any) -> Any:
-    """A file path made absolute (relative to the driver's working directory, or to the source checkout
-    when only found there), so trials find it from any working directory and node."""
-    if not isinstance(value, str) or not value or re.match(r"^[A-Za-z][\w+.-]*:", value) or value.startswith("{"):
-        return value  # sklearn:digits, pipe:..., http://..., s3://..., inline JSON
+    """A file path made absolute (relative to the working directory, or to the source checkout when only
+    found there), so trials find it from any working directory: on the driver for a local sweep, and in
+    each trial (against the checkout it runs, see `resolve_trial_paths`) for a cluster sweep."""
+    if _is_url(value):
+        return value
     p = Path(value).expanduser()
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         p = REPO_ROOT / p
     return os.path.abspath(p)
 
 
-def _absolute_paths(cfg: Config) -> Config:
+def _cluster_path(key: str, value: Any, at: str) -> Any:
+    """On a cluster a path is read on the trial's node: a relative data location names nothing there."""
+    if key == "data.shards" and not _is_url(value) and not Path(value).expanduser().is_absolute():
+        raise _err(at, f"{value!r} is relative to this machine, but on a cluster every trial's node reads the "
+                       f"shards: name the folder every node mounts them under (data_root=/mnt/shared on the "
+                       f"command line), or give data.shards=/mnt/shared/data/NAME or a URL (s3://BUCKET/NAME)")
+    return value
+
+
+def _resolve(key: str, value: Any, cluster: bool, data_root: str, at: str) -> Any:
+    if key == "data.shards" and data_root and not _is_url(value) and not Path(value).expanduser().is_absolute():
+        value = f"{data_root.rstrip('/')}/{value}"
+    return _cluster_path(key, value, at) if cluster else _absolute_path(value)
+
+
+def _resolve_paths(cfg: Config, cluster: bool, data_root: str, where: str) -> Config:
+    flat = cfg.flat()
+    return config_from_dict(cfg.to_dict(), values={
+        key: _resolve(key, flat[key], cluster, data_root, f"{where}: {key}") for key in PATH_KEYS})
+
+
+def resolve_trial_paths(cfg: Config) -> Config:
+    """In the trial: paths still relative (a cluster sweep) resolved on this node, against its checkout."""
     flat = cfg.flat()
     return config_from_dict(cfg.to_dict(), values={key: _absolute_path(flat[key]) for key in PATH_KEYS})
 
 
-def _absolute_space(space: dict[str, Any]) -> dict[str, Any]:
-    """The space with every value of a path key (also inside groups and distributions) made absolute."""
+def _absolute_space(space: dict[str, Any], cluster: bool, data_root: str, where: str) -> dict[str, Any]:
+    """The space with every value of a path key (also inside groups and distributions) resolved."""
+
+    def fix(key: str, value: Any) -> Any:
+        return _resolve(key, value, cluster, data_root, f"{where}.{key}")
 
     def fix_entry(key: str, spec: Any) -> Any:
         if "." in key:
@@ -206,11 +296,11 @@ def _absolute_space(space: dict[str, Any]) -> dict[str, Any]:
                 return spec
             if isinstance(spec, dict) and len(spec) == 1 and isinstance(next(iter(spec.values())), list):
                 kind, values = next(iter(spec.items()))
-                return {kind: [_absolute_path(v) for v in values]}
-            return _absolute_path(spec)
+                return {kind: [fix(key, v) for v in values]}
+            return fix(key, spec)
         if isinstance(spec, dict) and len(spec) == 1 and isinstance(next(iter(spec.values())), list):
             kind, values = next(iter(spec.items()))
-            return {kind: [{k: (_absolute_path(v) if k in PATH_KEYS else v) for k, v in item.items()}
+            return {kind: [{k: (fix(k, v) if k in PATH_KEYS else v) for k, v in item.items()}
                            if isinstance(item, dict) else item for item in values]}
         return spec
 

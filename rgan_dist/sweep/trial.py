@@ -63,7 +63,11 @@ class TrialSetup:
             "tracking.mlflow_uri": self.mlflow_uri,
             "tracking.experiment": self.experiment or self.base["tracking"]["experiment"],
         }
-        return config_from_dict(self.base, where=f"trial {trial_id}", values={**overrides, **plumbing})
+        from rgan_dist.sweep.spec import resolve_trial_paths
+
+        # A cluster sweep leaves relative paths (a DeepSpeed JSON of configs/) to this node's checkout.
+        return resolve_trial_paths(config_from_dict(self.base, where=f"trial {trial_id}",
+                                                    values={**overrides, **plumbing}))
 
 
 class FaultOnce:
@@ -113,7 +117,8 @@ class Reporter:
             self.before_send(trainer, path)
         fid = float(result.get("fid", math.inf))
         metrics = {"fid": fid, "best_fid": float(trainer.best_fid), "step": int(trainer.step),
-                   "restored_from_step": int(self.restored_from), "mlflow_run_id": self.run_id, **extra}
+                   "restored_from_step": int(self.restored_from), "mlflow_run_id": self.run_id,
+                   "node_id": _node_id(), **extra}
         for key in ("kid", "kid_std", "eval_seconds"):
             if key in result:
                 metrics[key] = float(result[key])
@@ -123,6 +128,13 @@ class Reporter:
             return
         with _staged(path) as folder:
             self.report_fn(metrics, checkpoint=self.checkpoint_cls.from_directory(str(folder)))
+
+
+def _node_id() -> str:
+    """The Ray node this trial runs on (the results table's `node`: where to look for a trial's logs)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 @contextlib.contextmanager
@@ -238,7 +250,10 @@ def run_trial(cfg: Config, setup: TrialSetup, reporter: Reporter, describe: dict
     try:
         fault = FaultOnce(setup.fault, reporter.trial_id, cfg.out_dir, s.rank)
         extra = {"rgan.sweep": setup.sweep, "rgan.sweep.trial_id": reporter.trial_id,
-                 **{f"rgan.sweep.{k}": v for k, v in describe.items()}, "mlflow.source.name": "rgan sweep"}
+                 **{f"rgan.sweep.{k}": v for k, v in describe.items()}, "mlflow.source.name": "rgan sweep",
+                 # which copy of the code ran: on a cluster, the checkout the driver shipped (runtime_env)
+                 "rgan.sweep.code_dir": str(Path(__file__).resolve().parent.parent.parent),
+                 "rgan.sweep.node_id": _node_id()}
         if setup.parent_run_id:
             extra["mlflow.parentRunId"] = setup.parent_run_id
         if setup.paper:
