@@ -5,10 +5,11 @@
 #   docker run --rm --gpus all --shm-size=8g -v "$PWD:/work" -w /work rgan-dist \
 #       train --config /opt/rgan-dist/configs/paper/cat64.yaml data.shards=data/cat64
 #
-# Two stages. The builder installs the dependencies from requirements/lock.txt (exact versions, sha256-checked)
-# in a layer that only the lock, scripts/setup.sh and the torch build arguments invalidate, so a source edit
-# rebuilds only the last, small layer; then rgan-dist itself, non-editable. The runtime stage copies the venv
-# onto a fresh base: no pip cache, no build tree.
+# Three stages. `deps` installs the dependencies from requirements/lock.txt (exact versions, sha256-checked)
+# into a venv, in a layer that only the lock, scripts/setup.sh and the torch build arguments invalidate;
+# `wheel` builds rgan-dist's wheel from the source; the runtime copies the venv onto a fresh base and
+# installs the wheel (non-editable) on top. A source edit rebuilds only the wheel and the runtime's last
+# small layers: the multi-GB venv layer stays cached, on the builder and in every registry that holds it.
 #
 # Base: CUDA's `base` flavour (the CUDA runtime loader only): the torch cu128 wheel bundles CUDA, cuDNN and
 # NCCL itself, so a `-runtime`/`-cudnn-runtime` base would only duplicate gigabytes. Pinned by digest; the
@@ -19,7 +20,7 @@
 # The Ray cluster YAMLs (launcher/cluster/) run this image on every node with --entrypoint="".
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2
 
-FROM ${BASE_IMAGE} AS builder
+FROM ${BASE_IMAGE} AS deps
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -40,9 +41,11 @@ COPY scripts/setup.sh scripts/
 COPY requirements/ requirements/
 RUN TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" bash scripts/setup.sh --locked --deps-only
 
+
+FROM deps AS wheel
 COPY . .
 # setuptools comes from the lock, so --no-build-isolation builds the package with hash-checked tools too.
-RUN pip install --no-deps --no-build-isolation . && pip check
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist .
 
 
 FROM ${BASE_IMAGE}
@@ -61,25 +64,32 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HOME=/home/rgan \
     GIT_PYTHON_REFRESH=quiet
 
-# python3: the interpreter the venv was built on (same base, same package). g++ and python3-dev stay in the
-# runtime on purpose (about 200 MB beside several GB of torch): torch.compile (`train.compile=true`) compiles
-# at run time, C++ with g++ on CPU and Triton's launcher (a C file including Python.h) on GPU, and DeepSpeed
-# JIT-builds its CPU ops (e.g. CPUAdam for a user's offload config) with g++ and ninja. DeepSpeed's CUDA ops
-# (FusedAdam, ...) would need nvcc, which no base flavour but `devel` has: rgan-dist does not use them (each
+# python3: the interpreter the venv was built on (same base, same package).
+# RUNTIME_TOOLCHAIN (g++ and the Python headers) stays in the runtime on purpose: torch.compile
+# (`train.compile=true`) compiles at run time, C++ with g++ on CPU and Triton's launcher (a C file including
+# Python.h) on GPU, and DeepSpeed JIT-builds its CPU ops (e.g. CPUAdam for an offload config) with g++ and
+# ninja. Measured cost: about 290 MB (apt's figure on Ubuntu 24.04 and Debian 12), beside several GB of the
+# CUDA torch. `--build-arg RUNTIME_TOOLCHAIN=` drops it, and with it train.compile. DeepSpeed's CUDA ops
+# (FusedAdam, ...) would need nvcc, which only the `devel` flavour has: rgan-dist does not use them (each
 # engine gets torch's Adam as a client optimizer), so nothing is pre-built (DS_BUILD_OPS stays unset).
 # openssh-client and rsync: what Ray's cluster launcher uses to reach and sync the nodes.
-# hadolint ignore=DL3008
+ARG RUNTIME_TOOLCHAIN="g++ python3-dev"
+# hadolint ignore=DL3008,SC2086
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 g++ python3-dev openssh-client rsync ca-certificates \
+    && apt-get install -y --no-install-recommends python3 $RUNTIME_TOOLCHAIN openssh-client rsync ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --user-group --home-dir /home/rgan --create-home --shell /bin/bash rgan \
     && chmod 1777 /home/rgan \
     && mkdir -p /opt/rgan-dist \
     && chmod 1777 /opt/rgan-dist
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /dist/ /tmp/dist/
 # /opt/rgan-dist/configs: the configs installed with the package, at a path that does not name the Python version.
-RUN ln -s "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/configs" /opt/rgan-dist/configs \
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && pip check \
+    && ln -s "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/configs" /opt/rgan-dist/configs \
     && rgan --help > /dev/null
 
 # Last, so a new commit re-tags the image without invalidating a layer above. The MLflow tag

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -62,8 +61,8 @@ def test_hadolint_passes_on_the_dockerfile():
 
 def test_hadolint_rejects_a_broken_copy(tmp_path):
     text = DOCKERFILE.read_text()
-    broken = text.replace("--no-install-recommends ", "").replace("FROM ${BASE_IMAGE} AS builder",
-                                                                   "FROM nvidia/cuda:latest AS builder")
+    broken = text.replace("--no-install-recommends ", "").replace("FROM ${BASE_IMAGE} AS deps",
+                                                                   "FROM nvidia/cuda:latest AS deps")
     assert broken != text
     (tmp_path / "Dockerfile").write_text(broken)
     result = subprocess.run([hadolint(), str(tmp_path / "Dockerfile")], capture_output=True, text=True)
@@ -100,20 +99,20 @@ def lock_entries() -> dict[str, tuple[str, list[str]]]:
 
 def test_the_dockerfile_and_the_readme_install_through_the_same_locked_files():
     text = DOCKERFILE.read_text()
-    builder, runtime = stages(text)
-    installs = [rest for word, rest in builder if word == "RUN" and ("pip" in rest or "setup.sh" in rest)]
-    assert len(installs) == 2, installs
-    deps, package = installs
-    assert "bash scripts/setup.sh --locked --deps-only" in deps  # every dependency through the README's script
-    assert re.search(r"pip install --no-deps (--no-build-isolation )?\.( |$)", package)  # the source, non-editable
-    assert "-e" not in shlex.split(package)
-    assert not any("pip" in rest for word, rest in runtime if word == "RUN")  # the runtime copies the venv
-
-    # The dependency layer is cached across source edits: only the lock and setup.sh are copied before it.
-    order = [(w, r) for w, r in builder if w in ("COPY", "RUN")]
-    copies_before = [r for w, r in order[: order.index(("RUN", deps))] if w == "COPY"]
-    assert copies_before and all(c.split()[0] in ("scripts/setup.sh", "requirements/") for c in copies_before)
-    assert ("COPY", ". .") in order[order.index(("RUN", deps)):]
+    deps, wheel, runtime = stages(text)
+    installs = [rest for word, rest in deps if word == "RUN" and ("pip" in rest or "setup.sh" in rest)]
+    assert len(installs) == 1 and "bash scripts/setup.sh --locked --deps-only" in installs[0], installs
+    # The dependency layer is cached across source edits: only the lock and setup.sh are copied before it,
+    # the source goes to the next stage.
+    copies = [rest.split()[0] for word, rest in deps if word == "COPY"]
+    assert copies == ["scripts/setup.sh", "requirements/"], copies
+    assert wheel[0] == ("FROM", "deps AS wheel") and ("COPY", ". .") in wheel
+    assert any(w == "RUN" and "pip wheel --no-deps" in r for w, r in wheel)
+    # The runtime: the venv from `deps` as one layer that a source edit leaves alone, then the wheel on top.
+    copied = [rest for word, rest in runtime if word == "COPY"]
+    assert copied[0] == "--from=deps /opt/venv /opt/venv" and copied[1].startswith("--from=wheel ")
+    pip_runs = [rest for word, rest in runtime if word == "RUN" and "pip install" in rest]
+    assert len(pip_runs) == 1 and "--no-deps" in pip_runs[0] and ".whl" in pip_runs[0]  # non-editable
 
     readme = (ROOT / "README.md").read_text()
     assert re.search(r"^bash scripts/setup\.sh( test)? && ", readme, re.M), "the README's set-up runs scripts/setup.sh"
@@ -162,13 +161,12 @@ def test_the_dockerfile_and_the_readme_install_through_the_same_locked_files():
 
 def test_the_image_is_multi_stage_slim_and_pinned():
     text = DOCKERFILE.read_text()
-    builder, runtime = stages(text)
+    deps, _, runtime = stages(text)
     base = args_of(instructions(text), "ARG")["BASE_IMAGE"]
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-base-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}", base), base  # no cuDNN
-    assert builder[0] == ("FROM", "${BASE_IMAGE} AS builder") and runtime[0] == ("FROM", "${BASE_IMAGE}")
+    assert deps[0] == ("FROM", "${BASE_IMAGE} AS deps") and runtime[0] == ("FROM", "${BASE_IMAGE}")
     runtime_runs = " ".join(rest for word, rest in runtime if word == "RUN")
     assert "build-essential" not in runtime_runs and "python3-venv" not in runtime_runs
-    assert any(w == "COPY" and r.startswith("--from=builder /opt/venv") for w, r in runtime)
 
     args, env = args_of(runtime, "ARG"), " ".join(rest for word, rest in runtime if word == "ENV")
     labels = " ".join(rest for word, rest in runtime if word == "LABEL")
