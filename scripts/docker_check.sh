@@ -68,6 +68,9 @@ rebuild_s=$(( $(stamp) - t0 ))
 grep -A1 -E 'setup.sh --locked --deps-only' "$WORK/rebuild.log" | grep -q 'Using cache' \
     || { echo "docker_check: the dependency layer was rebuilt after a source-only edit" >&2; exit 1; }
 
+grep -E 'STEP|Using cache' "$WORK/rebuild.log" | grep -B1 -A0 'Using cache' | grep STEP | sed 's/^/cached: /' | cut -c1-110
+echo "the image's layers, newest first (a source edit changes only those above the venv's):"
+podman history --format '{{.Size}}	{{.CreatedBy}}' "$IMAGE" | cut -c1-120 | head -12
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 label=$(podman image inspect --format '{{index .Labels "org.opencontainers.image.revision"}}' "$IMAGE")
 [ "$label" = "$(git rev-parse HEAD)" ] || { echo "docker_check: revision label is '$label'" >&2; exit 1; }
