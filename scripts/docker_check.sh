@@ -99,8 +99,10 @@ shared="$WORK/shared"; rm -rf "$shared"; mkdir -p "$shared"; chmod 1777 "$shared
 ctr2=$(buildah from "$IMAGE")
 trap 'buildah rm "$ctr" "$ctr2" >/dev/null 2>&1 || true' EXIT
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# `docker run --network host` also gives the container the host's hostname, which torchrun's rendezvous
+# advertises to the other node; buildah does that with --uts host.
 node() {
-    in_image --network host -v "$shared:/shared" -e GLOO_SOCKET_IFNAME=lo "$1" -- \
+    in_image --network host --uts host -v "$shared:/shared" -e GLOO_SOCKET_IFNAME=lo "$1" -- \
         torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint "127.0.0.1:$port" \
         --rdzv_id docker-check -m launcher train --config /opt/rgan-dist/configs/demo.yaml \
         dist.strategy=deepspeed dist.deepspeed_config=/opt/rgan-dist/configs/deepspeed/zero1.json \
@@ -110,7 +112,7 @@ node() {
 t0=$(stamp)
 node "$ctr" > "$WORK/node0.log" 2>&1 & pid0=$!
 node "$ctr2" > "$WORK/node1.log" 2>&1 & pid1=$!
-wait "$pid0" && wait "$pid1" || { tail -20 "$WORK/node0.log" "$WORK/node1.log"; echo "docker_check: two-container torchrun failed" >&2; exit 1; }
+wait "$pid0" && wait "$pid1" || { tail -n 20 "$WORK/node0.log" "$WORK/node1.log"; echo "docker_check: two-container torchrun failed" >&2; exit 1; }
 two_s=$(( $(stamp) - t0 ))
 tail -4 "$WORK/node0.log"
 ls "$shared/two-nodes/checkpoints/" | grep -q 'ckpt-00000004' || { echo "docker_check: no checkpoint from the two-container run" >&2; exit 1; }
