@@ -229,8 +229,14 @@ def test_the_image_runs_rgan_as_a_non_root_user():
 def test_the_package_installs_its_configs_beside_it(tmp_path):
     """The image installs rgan-dist non-editable; `rgan demo`, the paper's reference FIDs and sweep files are
     found next to the packages (launcher/cli.py CONFIGS), so the wheel must carry configs/."""
+    src = tmp_path / "src"  # a copy: setuptools reuses a build/ folder it finds in the source tree
+    src.mkdir()
+    for name in ["pyproject.toml", "README.md"]:
+        shutil.copy(ROOT / name, src / name)
+    for name in ["launcher", "rgan_dist", "data_pipeline", "configs"]:
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("rgan_dist-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ["configs/demo.yaml", "configs/base.yaml", "configs/paper/reference_fid.toml",
