@@ -13,9 +13,10 @@
 #
 # Base: CUDA's `base` flavour (the CUDA runtime loader only): the torch cu128 wheel bundles CUDA, cuDNN and
 # NCCL itself, so a `-runtime`/`-cudnn-runtime` base would only duplicate gigabytes. Pinned by digest; the
-# digest is the one public Dockerfiles record for this tag (another one, e711c993..., is also recorded: NVIDIA
-# re-publishes tags). It was not checked against the registry (no registry is reachable where this was
-# written): check with `docker buildx imagetools inspect nvidia/cuda:12.8.1-base-ubuntu24.04`.
+# digest is one that public Dockerfiles and scripts record for this tag; another, e711c993..., is recorded as
+# well (the multi-arch index vs. the amd64 manifest, or a re-published tag: not known). Neither was checked
+# against the registry (none is reachable where this was written): before relying on it, compare with
+# `docker buildx imagetools inspect nvidia/cuda:12.8.1-base-ubuntu24.04`.
 # BASE_IMAGE can be any Debian/Ubuntu image with apt; scripts/docker_check.sh builds on Debian bookworm.
 # The Ray cluster YAMLs (launcher/cluster/) run this image on every node with --entrypoint="".
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2
