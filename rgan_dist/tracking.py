@@ -195,7 +195,9 @@ def ui_command(uri: str, artifacts: str | None) -> str:
 
 
 def git_state(path: str | Path | None = None) -> dict[str, str]:
-    """Commit and dirtiness of the checkout holding this package, or {} outside a git checkout.
+    """Commit and dirtiness of the checkout holding this package; outside a git checkout, the commit the
+    environment names in RGAN_GIT_COMMIT (the Docker image's, set from its GIT_COMMIT build argument: an
+    installed package has no .git); else {}.
 
     `--no-optional-locks` keeps `git status` from rewriting the index of the user's checkout."""
     where = str(Path(path) if path else Path(__file__).resolve().parent)
@@ -206,7 +208,8 @@ def git_state(path: str | Path | None = None) -> dict[str, str]:
                                 "--untracked-files=no"], capture_output=True, text=True, timeout=10,
                                check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return {}
+        built_from = os.environ.get("RGAN_GIT_COMMIT", "").strip()
+        return {"mlflow.source.git.commit": built_from} if built_from else {}
     return {"mlflow.source.git.commit": commit, "rgan.git_dirty": str(bool(dirty)).lower()}
 
 

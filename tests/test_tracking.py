@@ -29,6 +29,7 @@ from rgan_dist.tracking import (
     MlflowTracker,
     Tracker,
     bound_http_retries,
+    git_state,
     make_tracker,
     resolve_store,
 )
@@ -296,3 +297,13 @@ def test_store_resolution_and_bounded_retries(tmp_path, monkeypatch):
     values = bound_http_retries()
     assert values["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
     assert values["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+def test_git_commit_comes_from_the_image_env_outside_a_checkout(tmp_path, monkeypatch):
+    """The Docker image installs the package without .git; its GIT_COMMIT build argument reaches MLflow's
+    git tag through RGAN_GIT_COMMIT. A real checkout still wins over the variable."""
+    monkeypatch.setenv("RGAN_GIT_COMMIT", "0123abcd")
+    assert git_state(tmp_path) == {"mlflow.source.git.commit": "0123abcd"}  # tmp_path: no checkout
+    assert git_state(ROOT)["mlflow.source.git.commit"] == _git_head()
+    monkeypatch.setenv("RGAN_GIT_COMMIT", " ")
+    assert git_state(tmp_path) == {}
