@@ -1,0 +1,114 @@
+"""The cheaper D/G step against the plain one: fused Adam, which D gets one concatenated forward, and
+`train.compile` (compiled vs eager losses and weights, and the eager fallback where capture fails).
+
+The maths of the step itself is pinned by tests/test_reference_step.py (fused Adam, the concatenated
+forward, R1/R2 from the loss's forward and lazy regularisation all run there against a reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEMO, TINY
+
+from rgan_dist.config import load_config
+from rgan_dist.engine.loop import Trainer
+
+BASE = [*TINY, "train.batch_size=4", "train.log_every=1", "train.sample_every=0", "tracking.enabled=false",
+        "data.workers=0"]
+
+
+def _trainer(tmp_path, *overrides: str) -> Trainer:
+    return Trainer(load_config(DEMO, [*BASE, f"run.out_dir={tmp_path}", *overrides]))
+
+
+def test_adam_is_fused_and_steps_like_foreach():
+    """Fused Adam (one kernel, or one vectorised CPU loop) makes the update foreach Adam makes."""
+    torch.manual_seed(0)
+    params = [torch.randn(16, 8), torch.randn(8)]
+    runs = []
+    for kw in ({"fused": True}, {"foreach": True}):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = torch.optim.Adam(ps, lr=2e-4, betas=(0.5, 0.999), **kw)
+        for i in range(5):
+            for p in ps:
+                p.grad = torch.sin(p.detach() * (i + 1))
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_trainer_optimizers_are_fused(tmp_path):
+    t = _trainer(tmp_path)
+    try:
+        assert all(opt.defaults["fused"] for opt in t.strategy.opt.values())
+    finally:
+        t.strategy.close()
+
+
+@pytest.mark.parametrize(("overrides", "concat"), [
+    (["model.d_batch_norm=false"], True),
+    (["model.d_batch_norm=true"], False),  # batch statistics would mix real and fake
+    (["model.d_batch_norm=false", "model.spectral_norm=true"], False),  # one power iteration instead of two
+])
+def test_one_d_forward_on_real_and_fake_only_for_a_d_without_batchnorm_or_buffers(tmp_path, overrides, concat):
+    t = _trainer(tmp_path, *overrides)
+    try:
+        assert t.d_concat is concat
+    finally:
+        t.strategy.close()
+
+
+def _run(tmp_path, steps: int, *overrides: str) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    t = _trainer(tmp_path, *overrides)
+    try:
+        out = [{k: float(v) for k, v in t.train_step().items()} for _ in range(steps)]
+        return out, {**{f"G.{k}": v for k, v in t.strategy.G.state_dict().items()},
+                     **{f"D.{k}": v for k, v in t.strategy.D.state_dict().items()}}
+    finally:
+        t.strategy.close()
+
+
+def test_a_part_that_cannot_be_compiled_runs_eager_with_one_message(tmp_path, monkeypatch, capsys):
+    """A capture failure (here: every compiled call raises, as a missing C++ compiler would) falls back to
+    eager for that part, with one line per part, and the run computes what an eager run computes."""
+    def broken_compile(fn, **kw):
+        def call(*a):
+            raise RuntimeError("backend failed\nsecond line of a long message")
+        return call
+
+    common = ["loss.name=rasgan", "loss.penalty=r1", "model.d_batch_norm=false", "loss.penalty_every=2"]
+    eager_out, eager_w = _run(tmp_path / "eager", 3, *common)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out, w = _run(tmp_path / "fallback", 3, *common, "train.compile=default")
+    lines = [x for x in capsys.readouterr().out.splitlines() if "train.compile could not compile" in x]
+    assert len(lines) == 3 and all("RuntimeError: backend failed); it runs eager" in x for x in lines)
+    assert out == eager_out
+    for k, v in eager_w.items():
+        assert torch.equal(w[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("overrides", [
+    ["loss.name=rasgan", "model.d_batch_norm=true"],
+    ["loss.name=rsgan", "loss.penalty=r1", "loss.penalty_every=2", "model.d_batch_norm=false"],
+], ids=["bn-d", "r1-lazy"])
+def test_compiled_steps_match_eager(tmp_path, overrides, capsys):
+    """train.compile=default (inductor; on CPU it needs the C++ compiler) against eager for 3 steps: same
+    losses and weights up to float order (inductor fuses and reorders; measured differences ~1e-7)."""
+    eager_out, eager_w = _run(tmp_path / "eager", 3, *overrides)
+    comp_out, comp_w = _run(tmp_path / "compiled", 3, *overrides, "train.compile=default")
+    assert "could not compile" not in capsys.readouterr().out  # compiled indeed, no eager fallback
+    for a, b in zip(comp_out, eager_out, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for k, v in eager_w.items():
+        torch.testing.assert_close(comp_w[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_compile_accepts_the_old_booleans():
+    assert load_config(None, ["train.compile=true"]).train.compile == "default"
+    assert load_config(None, ["train.compile=false"]).train.compile == "none"
+    assert load_config(None, ["train.compile=reduce-overhead"]).train.compile == "reduce-overhead"
