@@ -108,6 +108,26 @@ def test_compiled_steps_match_eager(tmp_path, overrides, capsys):
         torch.testing.assert_close(comp_w[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_compiled_steps_match_eager_on_cuda(tmp_path, capsys, monkeypatch):
+    """On CUDA with CUDA graphs (reduce-overhead; default is covered on CPU): a replay overwrites the previous
+    outputs, so this also checks that the logged losses were copied out in time (they would differ from eager
+    if not). TF32 off, so that only float order separates the two."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    common = ["loss.name=rsgan", "loss.penalty=r1", "loss.penalty_every=2", "model.d_batch_norm=false",
+              "run.device=cuda"]
+    eager_out, eager_w = _run(tmp_path / "eager", 4, *common)
+    comp_out, comp_w = _run(tmp_path / "compiled", 4, *common, "train.compile=reduce-overhead")
+    assert "could not compile" not in capsys.readouterr().out
+    for a, b in zip(comp_out, eager_out, strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-4), k
+    for k, v in eager_w.items():
+        torch.testing.assert_close(comp_w[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_compile_accepts_the_old_booleans():
     assert load_config(None, ["train.compile=true"]).train.compile == "default"
     assert load_config(None, ["train.compile=false"]).train.compile == "none"
