@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny models, 4 steps, 1 repeat: the plumbing dry run")
+    ap.add_argument("--only", default="", help="comma-separated indices of the matrix's cases to run (default: all)")
     ap.add_argument("--budget-s", type=float, default=0, help="skip the cases left once this many seconds passed")
     ap.add_argument("--case-timeout-s", type=float, default=600)
     ap.add_argument("--out", default="", help="JSON to write (default: benchmarks/results/step_time_<matrix>_<device>"
@@ -278,6 +279,8 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 4, 2, 1
     cases = matrix(args.matrix)
+    if args.only:
+        cases = [cases[int(i)] for i in args.only.split(",")]
     if args.quick:  # every kind of case, tiny
         cases = [{**c, "res": 16, "width": 8, "batch": 4, "vs": c["vs"] and {**c["vs"], "res": 16, "width": 8,
                                                                              "batch": 4}} for c in cases]

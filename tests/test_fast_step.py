@@ -6,9 +6,13 @@ forward, R1/R2 from the loss's forward and lazy regularisation all run there aga
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import DEMO, TINY
+from conftest import DEMO, ROOT, TINY
 
 from rgan_dist.config import load_config
 from rgan_dist.engine.loop import Trainer
@@ -132,3 +136,31 @@ def test_compile_accepts_the_old_booleans():
     assert load_config(None, ["train.compile=true"]).train.compile == "default"
     assert load_config(None, ["train.compile=false"]).train.compile == "none"
     assert load_config(None, ["train.compile=reduce-overhead"]).train.compile == "reduce-overhead"
+
+
+# ---- the benchmark that measures all this (benchmarks/step_time.py, benchmarks/gpu_check.sh) ---------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_step_time_quick_dry_run_writes_json_and_its_table(tmp_path):
+    """The plumbing of the step-time benchmark on CPU: every case of the CPU matrix on tiny models, the raw
+    JSON, and the markdown RESULTS.md shows, generated from that JSON."""
+    out = tmp_path / "st.json"
+    script = str(ROOT / "benchmarks" / "step_time.py")
+    proc = subprocess.run([sys.executable, script, "--matrix", "cpu", "--device", "cpu", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [e["label"] for e in report["cases"]] == ["DCGAN-16 w8 b4, fp32",
+                                                     "DCGAN-16 w8 b4, fp32, D without BN, r1 every 16"]
+    for e in report["cases"]:
+        assert "error" not in e and len(e["ours"]) == len(e["ref"]) == 1
+        assert e["ours"][0]["wall"] > 0 and e["ours"][0]["cpu"] > 0
+    assert [e["ref_kind"] for e in report["cases"]] == ["plain", "vs"]
+    table = subprocess.run([sys.executable, script, "--table", str(out)], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and table.stdout.count("\n| DCGAN-16") == 2
+    assert "ours, DCGAN-16 w8 b4, fp32, D without BN" in table.stdout  # the lazy R1 row's reference
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
