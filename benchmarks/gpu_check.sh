@@ -8,18 +8,19 @@
 #   On the device (repo root):       bash benchmarks/gpu_check.sh
 #       with the device tool's `carry: [".carry/wheels"]`. Installs those wheels into /tmp/site, then runs,
 #       most important first, each part in its own process with its own timeout, until the budget
-#       (GPU_CHECK_BUDGET_S, default 420 s) is spent:
-#         A  images/s of the real training loop (Trainer.train_step), DCGAN 64/128/256 (the paper's cat
-#            presets' widths), fp32 vs bf16 x channels_last off/on
-#         B  ddp(1) vs deepspeed(1) vs single, DCGAN-64 bf16 (benchmarks/step_time_dist.py)
-#         C  GPU-only correctness checks: fp16 GradScaler + R1 penalty; DDP with BatchNorm and
-#            per-forward buffer broadcast (the CUDA in-place pitfall); SyncBatchNorm; DeepSpeed ZeRO-2
-#            bf16 + R1 penalty; the test suite's `-m gpu` tests
-#         D  torch.compile on/off at 64 (then 128 if time is left), bf16 + channels_last
+#       (GPU_CHECK_BUDGET_S, default 470 s; ~8 minutes with the machine's start) is spent:
+#         T  the test suite's `-m gpu` tests (CUDA-only: compiled steps vs eager, CUDA graphs, data reader, ...)
+#         S  benchmarks/step_time.py --matrix gpu: ours vs the plain loop, DCGAN-64 b64/b256 and DCGAN-256,
+#            fp32/bf16, compile none/default/reduce-overhead, single vs ddp(1) vs deepspeed(1), peak GPU memory,
+#            and R1 with loss.penalty_every=16 vs unpenalised; raw JSON to $OUT/step_time_gpu_cuda.json
+#            (commit it as benchmarks/results/step_time_gpu_cuda.json; `step_time.py --table` makes the table)
+#         C  GPU-only correctness checks: fp16 GradScaler + lazy R1; DDP with BatchNorm (two D forwards
+#            per backward); DeepSpeed ZeRO-2 bf16 + R1 + checkpoint; SyncBatchNorm
 #       Prints a markdown table; with $OUT set also writes $OUT/gpu_results.md and $OUT/gpu_check.log.
-#   GPU_CHECK_PARTS=BC runs only those parts (default ABCDE; E = our loop vs a plain loop, benchmarks/step_time.py).
-#   Plumbing dry run anywhere: GPU_CHECK_DEVICE=cpu GPU_CHECK_BUDGET_S=200 bash benchmarks/gpu_check.sh
-#       (CUDA-only checks then fail as rows, which is the point: every failure is a row, never the end).
+#   GPU_CHECK_PARTS=TS runs only those parts (default TSC).
+#   Dry run of the plumbing anywhere: GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh
+#       (step_time then runs `--device cpu --quick`: every case of the GPU matrix on tiny models; the
+#       CUDA-only checks fail as rows, which is the point: every failure is a row, never the end).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.carry/wheels}
@@ -38,8 +39,8 @@ if [[ "${1:-}" == "--prepare-wheels" ]]; then
   exit 0
 fi
 
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
-PARTS=${GPU_CHECK_PARTS:-ABCDE}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+PARTS=${GPU_CHECK_PARTS:-TSC}
 START=$(date +%s)
 RES=$(mktemp)
 ENVF=$(mktemp)
@@ -82,60 +83,23 @@ fi
 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$LOG" "$ENVF"
 python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a "$LOG" "$ENVF"
 
-# ---- A: loop throughput --------------------------------------------------------------------------
-THROUGHPUT_PY='
-import os, sys, time, tempfile, torch
-from rgan_dist.config import load_config
-dev = os.environ["RGAN_DEV"]
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-from rgan_dist.engine.loop import Trainer
-res, width, batch, steps = (int(x) for x in sys.argv[1:5])
-torch.backends.cudnn.benchmark = True
-for precision, cl, comp, pen in [tuple((x + ":none").split(":")[:4]) for x in sys.argv[5:]]:
-    label = f"DCGAN-{res} w{width} b{batch} {precision} channels_last={cl} compile={comp}" + (f" penalty={pen}" if pen != "none" else "")
-    try:
-        cfg = load_config(None, ["model.arch=dcgan", f"model.resolution={res}", f"model.width={width}",
-            "model.channels=3", "model.z_dim=128", "loss.name=rasgan", f"train.batch_size={batch}",
-            f"loss.penalty={pen}", "model.d_batch_norm=" + ("true" if pen == "none" else "false"),
-            f"train.precision={precision}", f"train.channels_last={cl}", f"train.compile={comp}",
-            "train.progress=false", "train.sample_every=0", "checkpoint.every=0", "tracking.enabled=false",
-            f"run.device={dev}", f"run.out_dir={tempfile.mkdtemp()}"])
-        t = Trainer(cfg)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            t.train_step()
-        sync(); warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            t.train_step()
-        sync(); dt = time.perf_counter() - t0
-        ips = 2 * batch * steps / dt  # one D batch + one fresh G batch of reals per outer step
-        mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-        print(f"| A throughput | {label} | {ips:.0f} img/s, {1000*dt/steps:.1f} ms/step, warm-up {warm:.1f}s, peak {mem:.1f} GiB |", flush=True)
-        t.strategy.close(); del t
-        if dev == "cuda":
-            torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    except Exception as e:
-        print(f"| A throughput | {label} | FAILED: {type(e).__name__}: {str(e)[:120]} |", flush=True)
-'
-MATRIX="fp32:false:false fp32:true:false bf16:false:false bf16:true:false"
-
-# ---- B: ddp(1) vs deepspeed(1) ---------------------------------------------------------------------
-B_PY='
+# ---- S: our loop vs the plain loop, the GPU matrix (benchmarks/step_time.py) -------------------------
+S_PY='
 import os, subprocess, sys
-cmd = [sys.executable, "benchmarks/step_time_dist.py", "--device", os.environ["RGAN_DEV"], "--nproc", "1", "--threads", "4",
-       "--resolution", "64", "--width", "64", "--batch", "64", "--steps", "40", "--repeats", "1",
-       "--strategies", "single,ddp,deepspeed", "--zero", sys.argv[1]]
-p = subprocess.run(cmd, capture_output=True, text=True)
-print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-for line in p.stdout.splitlines():
-    if " median " in line:
-        name, value = line.split()[0], line.split("median")[1].split("runs")[0].strip()
-        print(f"| B ddp(1) vs deepspeed(1), DCGAN-64 b64 fp32, ZeRO-{sys.argv[1]} | {name} | {value} |")
-    if line.startswith(("ddp/", "deepspeed/")):
-        rest = " ".join(line.split()[1:])
-        print(f"| B ratio ZeRO-{sys.argv[1]} | {line.split()[0]} | {rest} |")
-sys.exit(p.returncode)
+dev, budget, case_timeout = os.environ["RGAN_DEV"], sys.argv[1], sys.argv[2]
+out = os.path.join(os.environ.get("OUT") or "/tmp", f"step_time_gpu_{dev}.json")
+cmd = [sys.executable, "benchmarks/step_time.py", "--matrix", "gpu", "--device", dev, "--steps", "48",
+       "--repeats", "2", "--budget-s", budget, "--case-timeout-s", case_timeout, "--out", out]
+if dev != "cuda":
+    cmd.append("--quick")
+# rows as each case ends: the JSON is rewritten per case too, so a cut-short run keeps what it measured
+p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+for line in p.stdout:
+    print(line.rstrip(), file=sys.stderr)
+    if line.startswith("| DCGAN"):  # configuration | strategy | ours | ref | against | wall | cpu | mem
+        c = [x.strip() for x in line.strip().strip("|").split("|")]
+        print(f"| S {c[0]}, {c[1]} | ours {c[2]} ms vs {c[4]} {c[3]} ms | ratio {c[5]}; peak GiB {c[7]} |", flush=True)
+sys.exit(p.wait())
 '
 
 # ---- C: GPU-only correctness checks ----------------------------------------------------------------
@@ -167,35 +131,18 @@ print(f"| C pytest -m gpu | exit {p.returncode} | {summary} |")
 
 
 # ---- run order: most informative first, so a short budget (GPU_CHECK_BUDGET_S) still covers them ----
-E_PY='
-import subprocess, sys
-p = subprocess.run([sys.executable, "benchmarks/step_time.py", "--device", "cuda", "--steps", "30", "--repeats", "2"],
-                   capture_output=True, text=True)
-print(p.stdout[-2000:], p.stderr[-2000:], file=sys.stderr)
-for line in p.stdout.splitlines():
-    if line.startswith(("ours", "plain", "ratio")):
-        print(f"| E loop overhead, DCGAN-64 b32 RaSGAN fp32 | {line.split(":")[0]} | {line.split(":", 1)[1].strip()} |")
-sys.exit(p.returncode)
-'
-
-part "A DCGAN-64"  90 python3 -c "$THROUGHPUT_PY" 64 64 64 40 $MATRIX
-part "C fp16+R1 single" 60 bash -c "$C_SH check 'fp16 GradScaler + R1, single' python3 \${TRAIN[@]} train.precision=fp16 loss.penalty=r1 model.d_batch_norm=false train.steps=30"
-part "C ddp BN broadcast" 60 bash -c "$C_SH check 'ddp(1), BatchNorm in G and D, broadcast_buffers=false (default), 2 D forwards/backward' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=ddp model.d_batch_norm=true dist.broadcast_buffers=false train.steps=20"
-part "C deepspeed ZeRO-2 bf16 R1" 90 bash -c "$C_SH check 'deepspeed(1) ZeRO-2, bf16, R1 penalty, checkpoint' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero2.json train.precision=bf16 loss.penalty=r1 model.d_batch_norm=false train.steps=20 checkpoint.every=10"
-part "E ours vs plain loop" 60 python3 -c "$E_PY"
-part "A DCGAN-256" 90 python3 -c "$THROUGHPUT_PY" 256 32 32 20 $MATRIX
-part "B ddp/deepspeed ZeRO-0" 120 python3 -c "$B_PY" 0
-part "C ddp SyncBN" 60 bash -c "$C_SH check 'ddp(1), SyncBatchNorm, bf16' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=ddp dist.sync_batchnorm=true train.precision=bf16 train.steps=20"
-part "C pytest -m gpu" 90 python3 -c "$GPU_TESTS_PY"
-part "A DCGAN-128" 90 python3 -c "$THROUGHPUT_PY" 128 64 64 30 $MATRIX
-part "B ddp/deepspeed ZeRO-2" 90 python3 -c "$B_PY" 2
-part "D compile DCGAN-64"  180 python3 -c "$THROUGHPUT_PY" 64 64 64 40 bf16:true:false bf16:true:true bf16:true:true:r1
-part "D compile DCGAN-128" 150 python3 -c "$THROUGHPUT_PY" 128 64 64 30 bf16:true:false bf16:true:true
-
+part "T pytest -m gpu" 150 python3 -c "$GPU_TESTS_PY"
+# inner limits (no case starts after 150 s, a case ends within 110 s) stay inside the part's 280 s, so the
+# part's timeout never has to kill step_time.py's own case processes
+part "S step time, ours vs plain" 280 python3 -c "$S_PY" 150 110
+part "C fp16+R1 single" 50 bash -c "$C_SH check 'fp16 GradScaler + R1 every 4th D step, single' python3 \${TRAIN[@]} train.precision=fp16 loss.penalty=r1 loss.penalty_every=4 model.d_batch_norm=false train.steps=30"
+part "C ddp BN" 50 bash -c "$C_SH check 'ddp(1), BatchNorm in G and D, 2 D forwards/backward' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=ddp model.d_batch_norm=true train.steps=20"
+part "C deepspeed ZeRO-2 bf16 R1" 70 bash -c "$C_SH check 'deepspeed(1) ZeRO-2, bf16, R1 penalty, checkpoint' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=deepspeed dist.deepspeed_config=configs/deepspeed/zero2.json train.precision=bf16 loss.penalty=r1 model.d_batch_norm=false train.steps=20 checkpoint.every=10"
+part "C ddp SyncBN" 50 bash -c "$C_SH check 'ddp(1), SyncBatchNorm, bf16' python3 \${TR[@]} \${TRAIN[@]} dist.strategy=ddp dist.sync_batchnorm=true train.precision=bf16 train.steps=20"
 
 TABLE=$( { echo; echo "| part | configuration | result |"; echo "|---|---|---|"; cat "$RES";
            echo; echo "Elapsed $(( $(date +%s) - START )) s of a ${BUDGET} s budget. img/s counts real images"\
-" consumed by the loop (one D batch + one fresh G batch per outer step), n_dis = 1, RaSGAN, no penalty in A/B/D."; } )
+" S: ms per outer step (n_dis = 1, RaSGAN), median (range) of interleaved repeats; ratio = median of per-repeat ours/reference."; } )
 echo "$TABLE"
 if [[ -n "${OUT:-}" ]]; then
   { sed 's/$/  /' "$ENVF"; echo "$TABLE"; } > "$OUT/gpu_results.md"

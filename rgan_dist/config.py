@@ -37,6 +37,7 @@ LOSS_NAMES = (
 )  # fmt: skip
 PENALTY_NAMES = ("none", "wgan-gp", "r1", "r2", "r1+r2")
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 STRATEGIES = ("single", "ddp", "deepspeed")
 # The metrics `eval.metrics` may list: the names of `rgan_dist.metrics.evaluator.METRICS` (a test keeps the
 # two equal; the registry itself imports torch, which a config check must not need).
@@ -77,6 +78,8 @@ class LossConfig:
     name: str = _f("rasgan", "GAN loss; rpgan is an alias of rsgan.", choices=LOSS_NAMES)
     penalty: str = _f("none", "Gradient penalty added to the D loss.", choices=PENALTY_NAMES)
     penalty_weight: float = _f(10.0, "Penalty weight (lambda for wgan-gp, gamma for r1/r2).", min=0.0)
+    penalty_every: int = _f(1, "Lazy regularisation (StyleGAN2): the penalty on every k-th D step only, its "
+                            "weight times k; 1: every step.", min=1)
     batch_stats: str = _f("global", "Ra/Rc losses' batch means over all ranks (all-reduced, so N ranks x B "
                           "optimise what 1 x N*B does) or per rank (local).", choices=("global", "local"))
 
@@ -100,7 +103,8 @@ class TrainConfig:
     sample_every: int = _f(1000, "Steps between sample-grid PNGs (0: only at the end).", min=0)
     sample_grid: int = _f(8, "Sample grid side (grid x grid images).", min=1, max=32)
     channels_last: bool = _f(False, "Use channels_last memory format (faster convs on recent GPUs).")
-    compile: bool = _f(False, "torch.compile G and D.")
+    compile: str = _f("none", "torch.compile the D and G steps' forwards and losses (backward via AOTAutograd); "
+                      "reduce-overhead adds CUDA graphs; true/false alias default/none.", choices=COMPILE_MODES)
     progress: bool = _f(True, "Show a progress bar on rank 0.")
 
 
@@ -364,6 +368,8 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         return out
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if key == "train.compile" and isinstance(value, bool):  # the key was a bool before it had modes
+        value = "default" if value else "none"
     if key == "dist.deepspeed_config" and isinstance(value, dict):
         # Inline DeepSpeed settings written as a YAML mapping (or `dist.deepspeed_config={...}` on the
         # command line, which YAML reads as one) are kept as the JSON text the strategy parses.

@@ -65,6 +65,8 @@ __all__ = [
     "local_means",
     "needs_real_in_g_step",
     "penalty",
+    "penalty_from_forward",
+    "penalty_inputs",
 ]
 
 
@@ -340,12 +342,20 @@ def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor, *, means: BatchMean
 _Critic = Callable[[Tensor], Tensor]
 
 
+def _grads_at(outputs: list[Tensor], inputs: list[Tensor], grad_scale: float) -> list[Tensor]:
+    """d(sum of every output)/d(each input), flattened to [B, numel/B], float32, graph kept.
+
+    One autograd.grad for all pairs: when real and fake went through one concatenated forward, both
+    input gradients come out of one double-backward graph."""
+    out = sum(o.float().sum() for o in outputs)
+    grads = torch.autograd.grad(out * grad_scale, inputs, create_graph=True)
+    return [g.float().flatten(1) / grad_scale for g in grads]
+
+
 def _input_grads(critic: _Critic, x: Tensor, grad_scale: float) -> Tensor:
     """dC/dx for every input image, flattened to [B, numel/B], float32, graph kept."""
     x = x.detach().requires_grad_(True)
-    out = critic(x).float().sum()
-    (grad,) = torch.autograd.grad(out * grad_scale, x, create_graph=True)
-    return grad.float().flatten(1) / grad_scale
+    return _grads_at([critic(x)], [x], grad_scale)[0]
 
 
 def _sq_norms(grads: Tensor) -> Tensor:
@@ -419,6 +429,46 @@ def check_penalty_name(name: str) -> str:
     if name not in _PENALTIES:
         raise ConfigError(f"unknown penalty {name!r} (loss.penalty); allowed: {', '.join(PENALTIES)}")
     return name
+
+
+# R1/R2 are zero-centred on the very images the D loss already judges, so the D step can differentiate its
+# own forward instead of running a third one: the loop marks those inputs `requires_grad_` (which sides:
+# `penalty_inputs`) and hands the logits to `penalty_from_forward`. Same maths as `penalty`: the gradient
+# of C at x does not depend on which forward computed C(x), as long as D treats images independently or
+# the forward saw the same batch (BatchNorm: the loop keeps real and fake forwards apart).
+_SIDES: dict[str, tuple[bool, bool]] = {"r1": (True, False), "r2": (False, True), "r1+r2": (True, True)}
+
+
+def penalty_inputs(name: str) -> tuple[bool, bool] | None:
+    """Which D inputs (real, fake) penalty ``name`` differentiates at, when it can be taken from the D loss's
+    own forward (`penalty_from_forward`); None when it needs a forward of its own (wgan-gp's interpolates)
+    or there is no penalty."""
+    return _SIDES.get(check_penalty_name(name))
+
+
+def penalty_from_forward(
+    name: str,
+    x_real: Tensor,
+    x_fake: Tensor,
+    c_real: Tensor,
+    c_fake: Tensor,
+    weight: float,
+    *,
+    grad_scale: float = 1.0,
+) -> Tensor:
+    """R1, R2 or R1+R2 (scalar, float32) from the D loss's forward: ``c_real = D(x_real)``, ``c_fake = D(x_fake)``
+    (or slices of one forward on their concatenation), where the sides `penalty_inputs` names had
+    ``requires_grad`` set before that forward. Equal to `penalty` on the same images and critic."""
+    sides = penalty_inputs(name)
+    if sides is None:
+        raise ValueError(f"penalty {name!r} needs a forward of its own: use losses.penalty")
+    if weight < 0:
+        raise ConfigError(f"penalty weight must be >= 0 (loss.penalty_weight), got {weight}")
+    if not grad_scale > 0:
+        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+    pairs = [(c, x) for (c, x), on in zip(((c_real, x_real), (c_fake, x_fake)), sides, strict=True) if on]
+    grads = _grads_at([c for c, _ in pairs], [x for _, x in pairs], grad_scale)
+    return sum(weight / 2 * _sq_norms(g).mean() for g in grads)
 
 
 def penalty(

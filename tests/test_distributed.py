@@ -389,7 +389,7 @@ def test_restart_pitfalls_are_warned_about():
 
 @pytest.mark.slow
 def test_compiled_models_with_a_gradient_penalty(tmp_path):
-    """aot_autograd cannot double-backward: the penalty forward runs eager (`run_D_for_penalty`), the rest compiled."""
+    """aot_autograd cannot double-backward: a D step with the penalty runs eager, the rest compiled (DDP(1))."""
     proc = run_job([sys.executable, "-m", "launcher", "train", "--config", str(DEMO), *JOB, *PENALTY,
                  "train.compile=true", "train.steps=2", f"run.out_dir={tmp_path}"], timeout=300)
     ok(proc)

@@ -474,3 +474,38 @@ def test_config_names_are_the_registries():
 
     assert LOSS_NAMES == losses.LOSSES
     assert PENALTY_NAMES == losses.PENALTIES
+
+
+@pytest.mark.parametrize("concatenated", [False, True])
+@pytest.mark.parametrize("name", ["r1", "r2", "r1+r2"])
+def test_penalty_from_the_d_loss_forward_equals_its_own_forward(name, concatenated):
+    """The D step differentiates its own forward (inputs marked requires_grad) instead of a third forward:
+    same value, same gradients w.r.t. the critic's parameters, whether real and fake went through one
+    concatenated forward or two."""
+    x_r, x_f = _images(7)
+    critic = small_conv_critic()
+    ref = losses.penalty(name, critic, x_r, x_f, 3.0)
+    ref.backward()
+    ref_grads = [p.grad for p in critic.parameters()]  # None where R1/R2 does not depend on it (last bias)
+    critic.zero_grad(set_to_none=True)
+    want_r, want_f = losses.penalty_inputs(name)
+    r, f = x_r.clone().requires_grad_(want_r), x_f.clone().requires_grad_(want_f)
+    if concatenated:
+        c = critic(torch.cat([r, f]))
+        c_r, c_f = c[: len(r)], c[len(r):]
+    else:
+        c_r, c_f = critic(r), critic(f)
+    pen = losses.penalty_from_forward(name, r, f, c_r, c_f, 3.0)
+    torch.testing.assert_close(pen, ref, rtol=1e-6, atol=1e-7)
+    pen.backward()
+    for p, g in zip(critic.parameters(), ref_grads, strict=True):
+        assert (p.grad is None) == (g is None)
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_penalties_that_need_a_forward_of_their_own_say_so():
+    assert losses.penalty_inputs("wgan-gp") is None and losses.penalty_inputs("none") is None
+    x_r, x_f = _images(8)
+    with pytest.raises(ValueError, match="forward of its own"):
+        losses.penalty_from_forward("wgan-gp", x_r, x_f, x_r.sum((1, 2, 3)), x_f.sum((1, 2, 3)), 1.0)

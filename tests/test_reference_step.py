@@ -136,14 +136,19 @@ def reference_run(cfg: Config, G: nn.Module, D: nn.Module, data: Iterator[Tensor
             x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
         return x
 
+    k = loss.penalty_every
+    d_steps = 0
     for n in range(1, steps + 1):
         for _ in range(t.n_dis):  # every D step on its own real batch
             x_real = real()
             with torch.no_grad():
                 x_fake = G(torch.randn(B, z_dim, generator=gen))
-            u = torch.rand(B, generator=gen) if loss.penalty == "wgan-gp" else None
-            total = (D_LOSS[loss.name](D(x_real).flatten(), D(x_fake).flatten())
-                     + _penalty(loss.penalty, D, x_real, x_fake, loss.penalty_weight, u))
+            # lazy regularisation: the penalty on D steps 0, k, 2k, ... only, with k times the weight
+            lazy_on = d_steps % k == 0
+            d_steps += 1
+            u = torch.rand(B, generator=gen) if loss.penalty == "wgan-gp" and lazy_on else None
+            pen = _penalty(loss.penalty, D, x_real, x_fake, k * loss.penalty_weight, u) if lazy_on else 0
+            total = D_LOSS[loss.name](D(x_real).flatten(), D(x_fake).flatten()) + pen
             opt_d.step(torch.autograd.grad(total, list(D.parameters())))  # one backward of the sum
         if t.fresh_real_for_g and loss.name in RELATIVISTIC:
             x_real = real()
@@ -227,3 +232,18 @@ def test_ema_follows_the_ramp(tmp_path):
     the configured decay after that."""
     trainer, _ = check_against_reference(tmp_path, "loss.name=rasgan", "train.ema=0.3", steps=4)
     assert trainer.ema.num_updates == 4
+
+
+@pytest.mark.parametrize("penalty", ["r1", "wgan-gp", "r1+r2"])
+def test_lazy_regularisation_applies_k_times_the_penalty_every_k_th_d_step(tmp_path, penalty):
+    """loss.penalty_every=3 over 2 x n_dis=2 = 4 D steps: the penalty, weighted 3x, on D steps 0 and 3 only."""
+    trainer, _ = check_against_reference(tmp_path, "loss.name=rasgan", f"loss.penalty={penalty}",
+                                         "loss.penalty_every=3", "train.n_dis=2", steps=2)
+    assert trainer.d_steps == 4
+
+
+def test_one_concatenated_d_forward_equals_two(tmp_path):
+    """A D without BatchNorm or buffers judges real and fake in one forward (`Trainer.d_concat`); the reference
+    runs two. With R1+R2 both input gradients come from that one forward."""
+    trainer, _ = check_against_reference(tmp_path, "loss.name=rsgan", "loss.penalty=r1+r2")
+    assert trainer.d_concat

@@ -74,7 +74,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             self.engines[phase] = engine
         self.opt = {p: e.optimizer for p, e in self.engines.items()}
         self.G, self.D = self.engines["g"].module, self.engines["d"].module
-        self._set_forwards(self.G, self.D, compile=self.cfg.train.compile)
+        self._set_forwards(self.G, self.D)
 
     def _release(self) -> None:
         if hasattr(self, "engines"):

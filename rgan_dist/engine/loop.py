@@ -95,6 +95,16 @@ class Trainer:
         self.samples: list[Path] = []
         state.claim_run_folder(self, tracker_given=tracker is not None)
         data_state = state.resume(self)
+        # D steps so far (lazy regularisation counts them); a run resumes at a whole outer step.
+        self.d_steps = self.step * cfg.train.n_dis
+        self.last_penalty = torch.zeros((), device=self.strategy.device)  # logged between lazy penalty steps
+        D = self.strategy.D
+        self.d_concat = not any(True for _ in D.buffers()) and not any(
+            isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in D.modules())
+        # The step's forward+loss functions, compiled once each (`train.compile`), eager where capture fails.
+        self.compiled = {name: self.strategy.compile_step(fn, what) for name, fn, what in (
+            ("fakes", self._fakes, "G(z) of the D step"), ("d", self._d_forward, "the D step's forward and loss"),
+            ("g", self._g_forward, "the G step's forward and loss"))}
         self.data: BatchIterator = make_batches(cfg, rank=self.strategy.rank, world_size=self.strategy.world_size,
                                                 device=self.strategy.device, state=data_state)
         # Last, so a run that fails to start leaves no open MLflow run; the evaluator first, so a missing
@@ -118,30 +128,76 @@ class Trainer:
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, device=self.strategy.device, generator=self.gen)
 
-    def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg, s = self.cfg, self.strategy
+    def _fakes(self, z: torch.Tensor) -> torch.Tensor:
+        """G(z) for the D step, without a graph (D's update must not reach G)."""
+        s = self.strategy
         with torch.no_grad(), s.autocast():
-            fake = s.run_G(self._z(real.shape[0]))
-        with s.autocast():
-            c_real, c_fake = s.run_D(real), s.run_D(fake)
-            loss = losses.d_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
-        # The penalty is part of the same loss so there is exactly one backward per D step.
-        pen = losses.penalty(cfg.loss.penalty, s.run_D_for_penalty, real, fake, cfg.loss.penalty_weight,
-                             generator=self.gen, grad_scale=s.grad_scale("d"))
-        total = loss + pen
-        stepped = self._guarded_step("d", total)
-        return {"d_loss": loss.detach(), "penalty": pen.detach(), "d_real": c_real.detach().float().mean(),
-                "d_fake": c_fake.detach().float().mean(), "d_stepped": torch.tensor(float(stepped), device=s.device)}
+            return s.run_G(z)
 
-    def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _d_forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's loss and logits on a real and a fake batch.
+
+        One forward on their concatenation when D treats every image on its own (`d_concat`): half the
+        kernel launches, and bigger ones. With BatchNorm the two batches must be normalised with their own
+        statistics, and a D with buffers (spectral norm's power iteration, BN's running statistics) would
+        update them once instead of twice, so such a D keeps two forwards."""
+        s = self.strategy
+        with s.autocast():
+            if self.d_concat:
+                c = s.run_D(torch.cat([real, fake]))
+                c_real, c_fake = c[: c.shape[0] // 2], c[c.shape[0] // 2:]
+            else:
+                c_real, c_fake = s.run_D(real), s.run_D(fake)
+            loss = losses.d_loss(self.cfg.loss.name, c_real, c_fake, means=s.batch_means)
+        return loss, c_real, c_fake
+
+    def _g_forward(self, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """G's loss (call with D frozen): D on G(z) and, for relativistic losses, on the reals."""
         cfg, s = self.cfg, self.strategy
-        with s.frozen_d(), s.autocast():
-            c_fake = s.run_D_frozen(s.run_G(self._z(real.shape[0])))
+        with s.autocast():
+            c_fake = s.run_D_frozen(s.run_G(z))
             # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
             c_real = s.run_D_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
-            loss = losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
+            return losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
+
+    def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, s = self.cfg, self.strategy
+        fake = self.compiled["fakes"](self._z(real.shape[0]))
+        # Lazy regularisation (StyleGAN2): the penalty on every k-th D step only, weighted k times, so its
+        # expected gradient is unchanged; k = loss.penalty_every, counted over D steps from step 0 (resume too).
+        k = cfg.loss.penalty_every
+        penalised = cfg.loss.penalty != "none" and self.d_steps % k == 0
+        self.d_steps += 1
+        sides = losses.penalty_inputs(cfg.loss.penalty) if penalised else None
+        if sides is not None:
+            # R1/R2 differentiate this very forward at its inputs (no third forward), so it runs eager:
+            # aot_autograd cannot double-backward. Under the same autocast as the loss.
+            real, fake = real.detach().requires_grad_(sides[0]), fake.detach().requires_grad_(sides[1])
+            loss, c_real, c_fake = self._d_forward(real, fake)
+            pen = losses.penalty_from_forward(cfg.loss.penalty, real, fake, c_real, c_fake, cfg.loss.penalty_weight,
+                                              grad_scale=s.grad_scale("d"))
+        else:
+            loss, c_real, c_fake = self.compiled["d"](real, fake)
+            pen = None
+            if penalised:  # wgan-gp: a forward of its own on interpolates, eager, outside autocast
+                pen = losses.penalty(cfg.loss.penalty, s.run_D, real, fake, cfg.loss.penalty_weight,
+                                     generator=self.gen, grad_scale=s.grad_scale("d"))
+        if pen is not None:
+            self.last_penalty = pen.detach()
+        # The penalty is part of the same loss so there is exactly one backward per D step.
+        total = loss + pen * k if pen is not None else loss
+        stats = {"d_loss": loss.detach().clone(), "penalty": self.last_penalty,
+                 "d_real": c_real.detach().float().mean(), "d_fake": c_fake.detach().float().mean()}
+        stepped = self._guarded_step("d", total)
+        return {**stats, "d_stepped": torch.tensor(float(stepped), device=s.device)}
+
+    def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = self.strategy
+        z = self._z(real.shape[0])
+        with s.frozen_d():
+            loss = self.compiled["g"](z, real)
         stepped = self._guarded_step("g", loss)
-        return {"g_loss": loss.detach(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
+        return {"g_loss": loss.detach().clone(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
 
     def _guarded_step(self, phase: str, loss: torch.Tensor) -> bool:
         """Skip (and count) a step whose loss is not finite on some rank, instead of poisoning weights.

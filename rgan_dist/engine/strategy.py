@@ -6,7 +6,7 @@ a checkpoint. The loop in `loop.py` is written once against this class; `single`
 one-process strategy; `DistributedStrategy` adds the process group and collectives, and `ddp.py` and
 `deepspeed.py` subclass it (`rgan_dist.engine.make_strategy` picks one from the config).
 
-Two raw modules, `G` and `D` (what optimizers, EMA, samples and checkpoints use), and four forward
+Two raw modules, `G` and `D` (what optimizers, EMA, samples and checkpoints use), and three forward
 callables, named after stylegan2-ada's `run_G`/`run_D`:
 - `run_G`: the generator used in both phases (wrapped, so G's gradients sync under DDP).
 - `run_D`: the discriminator for the D phase (real and fake forwards go through it).
@@ -14,9 +14,9 @@ callables, named after stylegan2-ada's `run_G`/`run_D`:
   DeepSpeed a forward through the wrapper would register gradient hooks that never fire (DDP then
   errors on the next backward; DeepSpeed refuses any backward outside `engine.backward`), so this is
   always the raw module.
-- `run_D_for_penalty`: `run_D` without torch.compile, for the gradient penalty's forward: aot_autograd cannot
-  double-backward ("torch.compile with aot_autograd does not currently support double backward"), so
-  with `train.compile=true` the penalty runs eager while every other forward stays compiled.
+
+`train.compile` compiles the loop's step functions (forward + loss of each phase, their backward through
+AOTAutograd), not these callables: `compile_step`.
 
 Collectives (`batch_means`, `all_finite`, `reduce_mean`, `any_rank`, `all_gather_object`, `broadcast_object`,
 `barrier`) are identities here; the distributed strategies make every rank agree through them, so the
@@ -76,14 +76,19 @@ class Strategy:
         """Move the pair to the device, build the optimizers and the forward callables."""
         self._place(G, D)
         self.opt: dict[Phase, torch.optim.Optimizer] = self._optimizers()
-        self._set_forwards(self.G, self.D, compile=self.cfg.train.compile)
+        self._set_forwards(self.G, self.D)
 
-    def _set_forwards(self, G: Callable[..., torch.Tensor], D: Callable[..., torch.Tensor], *, compile: bool) -> None:
+    def _set_forwards(self, G: Callable[..., torch.Tensor], D: Callable[..., torch.Tensor]) -> None:
         """The forward callables (module docstring): `G`/`D` as the phases call them (wrapped where gradients
-        sync), the G phase's D always the raw module, the penalty's D never compiled."""
-        self.run_G, self.run_D, self.run_D_frozen, self.run_D_for_penalty = G, D, self.D, D
-        if compile:
-            self.run_G, self.run_D, self.run_D_frozen = torch.compile(G), torch.compile(D), torch.compile(self.D)
+        sync), the G phase's D always the raw module."""
+        self.run_G, self.run_D, self.run_D_frozen = G, D, self.D
+
+    def compile_step(self, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+        """`fn` (a step's forward and loss) under `train.compile`: itself for `none`, else torch.compile'd
+        with that mode (`reduce-overhead`: CUDA graphs), falling back to eager with a one-line message
+        (once) where capture fails, e.g. no C++ compiler for inductor on CPU."""
+        mode = self.cfg.train.compile
+        return fn if mode == "none" else _CompiledStep(fn, mode, what, verbose=self.is_main)
 
     def _place(self, G: nn.Module, D: nn.Module) -> None:
         mf = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
@@ -94,9 +99,11 @@ class Strategy:
         """The same torch Adam for every strategy (DeepSpeed gets it as a client optimizer), so a run's
         numerics do not depend on how it is distributed."""
         t = self.cfg.train
+        # fused: one kernel (CUDA) or one vectorised loop (CPU) for all parameters instead of a handful of
+        # foreach launches per step; the same Adam maths (tests/test_reference_step.py pins the update).
         return {
-            "g": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas)),
-            "d": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas)),
+            "g": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas), fused=True),
+            "d": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas), fused=True),
         }
 
     # ---- per step ------------------------------------------------------------------------------
@@ -228,6 +235,34 @@ class Strategy:
         for p, s in state.get("scalers", {}).items():
             if p in self.scalers:
                 self.scalers[p].load_state_dict(s)
+
+
+class _CompiledStep:
+    """torch.compile(fn, mode) that runs `fn` eager from the first call whose compilation fails.
+
+    The failure is reported in one line, once: a run must not die (or flood its log) because one part of a
+    step cannot be captured. Random draws stay outside (the loop passes z in), so a failed attempt consumes
+    none. With CUDA graphs (`reduce-overhead`) each call starts a new graph step and the caller copies what
+    it keeps (`.clone()` of the logged losses), because a replay overwrites the previous outputs."""
+
+    def __init__(self, fn: Callable[..., Any], mode: str, what: str, *, verbose: bool) -> None:
+        self.eager, self.what, self.verbose, self.failed = fn, what, verbose, False
+        self.cudagraphs = mode == "reduce-overhead"
+        self.compiled = torch.compile(fn, mode=mode)
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            try:
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any capture failure means: run eager
+                self.failed = True
+                if self.verbose:
+                    why = (str(e).strip().splitlines() or [""])[0][:160]
+                    print(f"rgan: warning: train.compile could not compile {self.what} "
+                          f"({type(e).__name__}: {why}); it runs eager", flush=True)
+        return self.eager(*args)
 
 
 # ---- several ranks ---------------------------------------------------------------------------------
