@@ -485,6 +485,10 @@ def deepspeed_settings(cfg: Config, world_size: int | None = None) -> dict[str, 
     out["zero_optimization"] = {**zero, "stage": stage}
     # DeepSpeed >= 0.19.3 clips at 1.0 unless told otherwise; the GAN's update must not change silently.
     out.setdefault("gradient_clipping", 0.0)
+    if stage in (1, 2) and not out["gradient_clipping"]:
+        # Without clipping nothing needs ZeRO-1/2's global gradient norm, whose validity check reads it on the
+        # host at every step (a GPU sync); non-finite steps are skipped on the device by the loop instead.
+        out["zero_optimization"].setdefault("compute_grad_norm", False)
     out.setdefault("steps_per_print", 2**31 - 1)
     out.setdefault("wall_clock_breakdown", False)
     return out
