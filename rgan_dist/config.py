@@ -93,7 +93,8 @@ class TrainConfig:
     fresh_real_for_g: bool = _f(True, "Draw a new real batch for the G step (as the official code); only losses "
                                       "whose G step reads reals (the relativistic ones) draw it.")
     flip: bool = _f(False, "Random horizontal flip of real images, done on the device.")
-    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps.", min=1)
+    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps (checked at "
+                                "logged steps).", min=1)
     log_every: int = _f(50, "Steps between logged metrics.", min=1)
     sample_every: int = _f(1000, "Steps between sample-grid PNGs (0: only at the end).", min=0)
     sample_grid: int = _f(8, "Sample grid side (grid x grid images).", min=1, max=32)
