@@ -429,7 +429,7 @@ def penalty(
     weight: float,
     *,
     generator: torch.Generator | None = None,
-    grad_scale: float = 1.0,
+    grad_scale: float | Tensor = 1.0,
 ) -> Tensor:
     """Gradient penalty ``name`` (scalar, float32), attached to the critic's parameters.
 
@@ -441,6 +441,7 @@ def penalty(
     fn = _PENALTIES[check_penalty_name(name)]
     if weight < 0:
         raise ConfigError(f"penalty weight must be >= 0 (loss.penalty_weight), got {weight}")
-    if not grad_scale > 0:
+    # a tensor (fp16: the scaler's scale, on the device) is not checked: reading it would sync the GPU
+    if not isinstance(grad_scale, Tensor) and not grad_scale > 0:
         raise ValueError(f"grad_scale must be positive, got {grad_scale}")
     return fn(critic, x_real, x_fake, weight, generator, grad_scale)

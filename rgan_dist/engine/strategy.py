@@ -138,6 +138,9 @@ class Strategy:
                 # scaler's own on-device check skips the step, and backs the scale off as for an overflow.
                 loss = loss * torch.where(finite > 0, 1.0, math.nan)
             scaler.scale(loss).backward()
+            # Unscaled before the step, not inside fused Adam's kernel: the optimizer's pre-step hooks
+            # (GradNorms) must see true gradients. On the device too (found_inf, no host read).
+            scaler.unscale_(opt)
             scaler.step(opt)
             scaler.update()
         opt.zero_grad(set_to_none=True)
