@@ -86,6 +86,25 @@ def test_max_bad_steps_raises_at_the_next_logged_step(tmp_path, monkeypatch, nan
     t.strategy.close()
 
 
+def test_a_checkpoint_from_before_fused_adam_resumes_sync_free(tmp_path):
+    """A checkpoint whose Adam groups say `fused: None` (written before Adam was fused) must not turn the
+    resumed optimizer back into the loop that refuses `found_inf`: it resumes, skips and stays sync-free."""
+    first = trainer(tmp_path, "train.steps=1")
+    first.fit()
+    first.strategy.close()
+    path = first.ckpt.latest()
+    state = torch.load(path, weights_only=True)
+    for key in ("opt_g", "opt_d"):
+        for group in state["model"][key]["param_groups"]:
+            group["fused"] = None
+    torch.save(state, path)
+    t = trainer(tmp_path, "train.steps=9", f"checkpoint.resume={path}")
+    assert t.step == 1 and all(g["fused"] for o in t.strategy.opt.values() for g in o.param_groups)
+    sync_free_steps(t)
+    nan_step_is_skipped(t, bad_rank=0)
+    t.strategy.close()
+
+
 def test_deepspeed_computes_no_grad_norm_without_clipping():
     def zero(spec: str) -> dict:
         cfg = load_config(None, ["dist.strategy=deepspeed", f"dist.deepspeed_config={spec}"])

@@ -245,11 +245,20 @@ class Strategy:
                 f"DeepSpeed's folder beside it: resume it with dist.strategy={state.get('strategy')}")
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt["g"].load_state_dict(state["opt_g"])
-        self.opt["d"].load_state_dict(state["opt_d"])
+        for phase in ("g", "d"):
+            opt, saved = self.opt[phase], state[f"opt_{phase}"]
+            # How Adam runs (fused, foreach, ...) is this run's choice, not the checkpoint's: a checkpoint
+            # written before Adam was fused would otherwise turn it back to the loop that takes no found_inf.
+            groups = [{**g, **{k: now[k] for k in _ADAM_IMPLEMENTATION if k in now}}
+                      for g, now in zip(saved["param_groups"], opt.param_groups, strict=True)]
+            opt.load_state_dict({**saved, "param_groups": groups})
         for p, s in state.get("scalers", {}).items():
             if p in self.scalers:
                 self.scalers[p].load_state_dict(s)
+
+
+# Adam's param_group keys that choose an implementation rather than the maths.
+_ADAM_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 def step_unless_bad(opt: Any, finite: torch.Tensor | None, step: Callable[[], Any]) -> bool:
@@ -258,7 +267,9 @@ def step_unless_bad(opt: Any, finite: torch.Tensor | None, step: Callable[[], An
 
     GradScaler's protocol for optimizers with `_step_supports_amp_scaling` (fused Adam): `found_inf` set on
     the optimizer for the duration of the step; the fused kernel then leaves weights and moments untouched
-    and takes back its step count increment. An optimizer without it (another optimizer, a device without
+    and takes back its step count increment. (A torch Adam built fused whose groups were loaded from a
+    non-fused state dict keeps `_step_supports_amp_scaling` but runs the loop that refuses `found_inf`, hence
+    the check of the groups.) An optimizer without it (another optimizer, a device without
     fused Adam) cannot skip on the device, so the host reads the flag: correct, at the cost of a sync.
     Returns False only when that fallback did not call `step()`."""
     inner = opt
@@ -266,7 +277,7 @@ def step_unless_bad(opt: Any, finite: torch.Tensor | None, step: Callable[[], An
         inner = inner.optimizer  # DeepSpeed's ZeRO wrapper holds the client torch optimizer
     if finite is None:
         step()
-    elif getattr(inner, "_step_supports_amp_scaling", False):
+    elif getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups):
         inner.found_inf = 1.0 - finite
         try:
             step()
