@@ -98,7 +98,8 @@ class TrainConfig:
     fresh_real_for_g: bool = _f(True, "Draw a new real batch for the G step (as the official code); only losses "
                                       "whose G step reads reals (the relativistic ones) draw it.")
     flip: bool = _f(False, "Random horizontal flip of real images, done on the device.")
-    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps.", min=1)
+    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive non-finite steps (checked at "
+                                "logged steps).", min=1)
     log_every: int = _f(50, "Steps between logged metrics.", min=1)
     sample_every: int = _f(1000, "Steps between sample-grid PNGs (0: only at the end).", min=0)
     sample_grid: int = _f(8, "Sample grid side (grid x grid images).", min=1, max=32)
@@ -589,6 +590,10 @@ def deepspeed_settings(cfg: Config, world_size: int | None = None) -> dict[str, 
     out["zero_optimization"] = {**zero, "stage": stage}
     # DeepSpeed >= 0.19.3 clips at 1.0 unless told otherwise; the GAN's update must not change silently.
     out.setdefault("gradient_clipping", 0.0)
+    if stage in (1, 2) and not out["gradient_clipping"]:
+        # Without clipping nothing needs ZeRO-1/2's global gradient norm, whose validity check reads it on the
+        # host at every step (a GPU sync); non-finite steps are skipped on the device by the loop instead.
+        out["zero_optimization"].setdefault("compute_grad_norm", False)
     out.setdefault("steps_per_print", 2**31 - 1)
     out.setdefault("wall_clock_breakdown", False)
     left = _auto_keys(out)

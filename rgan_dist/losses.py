@@ -342,7 +342,7 @@ def g_loss(name: str, c_real: Tensor | None, c_fake: Tensor, *, means: BatchMean
 _Critic = Callable[[Tensor], Tensor]
 
 
-def _grads_at(outputs: list[Tensor], inputs: list[Tensor], grad_scale: float) -> list[Tensor]:
+def _grads_at(outputs: list[Tensor], inputs: list[Tensor], grad_scale: float | Tensor) -> list[Tensor]:
     """d(sum of every output)/d(each input), flattened to [B, numel/B], float32, graph kept.
 
     One autograd.grad for all pairs: when real and fake went through one concatenated forward, both
@@ -352,7 +352,7 @@ def _grads_at(outputs: list[Tensor], inputs: list[Tensor], grad_scale: float) ->
     return [g.float().flatten(1) / grad_scale for g in grads]
 
 
-def _input_grads(critic: _Critic, x: Tensor, grad_scale: float) -> Tensor:
+def _input_grads(critic: _Critic, x: Tensor, grad_scale: float | Tensor) -> Tensor:
     """dC/dx for every input image, flattened to [B, numel/B], float32, graph kept."""
     x = x.detach().requires_grad_(True)
     return _grads_at([critic(x)], [x], grad_scale)[0]
@@ -382,7 +382,7 @@ def _zero(x: Tensor) -> Tensor:
 
 
 def _wgan_gp(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
-             generator: torch.Generator | None, grad_scale: float) -> Tensor:
+             generator: torch.Generator | None, grad_scale: float | Tensor) -> Tensor:
     # One-centred, on interpolates (Gulrajani et al. 2017), as in the official code.
     # vector_norm's derivative is 0 (not NaN) at a zero gradient, so no epsilon is needed.
     grads = _input_grads(critic, _interpolate(x_real, x_fake, generator), grad_scale)
@@ -390,26 +390,26 @@ def _wgan_gp(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
 
 
 def _r1(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
-        generator: torch.Generator | None, grad_scale: float) -> Tensor:
+        generator: torch.Generator | None, grad_scale: float | Tensor) -> Tensor:
     # Zero-centred on reals, gamma/2 * E||grad||^2 (Mescheder et al. 2018).
     return weight / 2 * _sq_norms(_input_grads(critic, x_real, grad_scale)).mean()
 
 
 def _r2(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
-        generator: torch.Generator | None, grad_scale: float) -> Tensor:
+        generator: torch.Generator | None, grad_scale: float | Tensor) -> Tensor:
     # Zero-centred on (detached) fakes, same convention as R1.
     return weight / 2 * _sq_norms(_input_grads(critic, x_fake, grad_scale)).mean()
 
 
 def _r1_r2(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
-           generator: torch.Generator | None, grad_scale: float) -> Tensor:
+           generator: torch.Generator | None, grad_scale: float | Tensor) -> Tensor:
     # R3GAN's pair: both terms, one weight.
     return (_r1(critic, x_real, x_fake, weight, generator, grad_scale)
             + _r2(critic, x_real, x_fake, weight, generator, grad_scale))
 
 
 def _none(critic: _Critic, x_real: Tensor, x_fake: Tensor, weight: float,
-          generator: torch.Generator | None, grad_scale: float) -> Tensor:
+          generator: torch.Generator | None, grad_scale: float | Tensor) -> Tensor:
     return _zero(x_real)
 
 
@@ -439,6 +439,12 @@ def check_penalty_name(name: str) -> str:
 _SIDES: dict[str, tuple[bool, bool]] = {"r1": (True, False), "r2": (False, True), "r1+r2": (True, True)}
 
 
+def _check_grad_scale(grad_scale: float | Tensor) -> None:
+    # A tensor (fp16: the scaler's scale, on the device) is not checked: reading it would sync the GPU.
+    if not isinstance(grad_scale, Tensor) and not grad_scale > 0:
+        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+
+
 def penalty_inputs(name: str) -> tuple[bool, bool] | None:
     """Which D inputs (real, fake) penalty ``name`` differentiates at, when it can be taken from the D loss's
     own forward (`penalty_from_forward`); None when it needs a forward of its own (wgan-gp's interpolates)
@@ -454,7 +460,7 @@ def penalty_from_forward(
     c_fake: Tensor,
     weight: float,
     *,
-    grad_scale: float = 1.0,
+    grad_scale: float | Tensor = 1.0,
 ) -> Tensor:
     """R1, R2 or R1+R2 (scalar, float32) from the D loss's forward: ``c_real = D(x_real)``, ``c_fake = D(x_fake)``
     (or slices of one forward on their concatenation), where the sides `penalty_inputs` names had
@@ -464,8 +470,7 @@ def penalty_from_forward(
         raise ValueError(f"penalty {name!r} needs a forward of its own: use losses.penalty")
     if weight < 0:
         raise ConfigError(f"penalty weight must be >= 0 (loss.penalty_weight), got {weight}")
-    if not grad_scale > 0:
-        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+    _check_grad_scale(grad_scale)
     pairs = [(c, x) for (c, x), on in zip(((c_real, x_real), (c_fake, x_fake)), sides, strict=True) if on]
     grads = _grads_at([c for c, _ in pairs], [x for _, x in pairs], grad_scale)
     return sum(weight / 2 * _sq_norms(g).mean() for g in grads)
@@ -479,7 +484,7 @@ def penalty(
     weight: float,
     *,
     generator: torch.Generator | None = None,
-    grad_scale: float = 1.0,
+    grad_scale: float | Tensor = 1.0,
 ) -> Tensor:
     """Gradient penalty ``name`` (scalar, float32), attached to the critic's parameters.
 
@@ -491,6 +496,5 @@ def penalty(
     fn = _PENALTIES[check_penalty_name(name)]
     if weight < 0:
         raise ConfigError(f"penalty weight must be >= 0 (loss.penalty_weight), got {weight}")
-    if not grad_scale > 0:
-        raise ValueError(f"grad_scale must be positive, got {grad_scale}")
+    _check_grad_scale(grad_scale)
     return fn(critic, x_real, x_fake, weight, generator, grad_scale)

@@ -11,6 +11,9 @@ compared number for number.
                    must agree. Writes rank 0's G/D/EMA to OUT.
   deepspeed OUT    2 ranks, every DeepSpeed check at once (see `deepspeed_checks`); `reference OUT` is
                    its one-process side.
+  sync_free OUT    2 ranks: DDP and DeepSpeed (ZeRO 0, 1, 2) training steps with every host read of a tensor
+                   refused (`sync_free_steps`), then a NaN D loss on one rank skipped on every rank
+                   (`nan_step_is_skipped`).
   grads OUT ARGS   D and G gradients (as the strategy averages them, before any optimizer step) of one
                    D step and one G step of the Trainer on the same global stream, for every Ra/Rc loss
                    and both loss.batch_stats. Writes rank 0's to OUT.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -197,6 +201,91 @@ def deepspeed_checks(out: Path) -> None:
             s.close()
 
 
+# Every way a tensor's value reaches the host: on a GPU each one waits for the queue to drain.
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Make every `HOST_READS` method of torch.Tensor raise while inside: what a sync-free step must not call
+    (on CPU there is no queue to drain, so this is how a CPU test sees a GPU's synchronisation)."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def refuse(name: str):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read of a tensor (Tensor.{name}) during a training step")
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def sync_free_steps(t: Trainer, steps: int = 3) -> None:
+    """One warm-up step (the optimizers create their state on the first), then `steps` outer steps, none of
+    them logged, with every host read refused. Data loading included: the batches are decoded on the host
+    from uint8 and only then moved, so the stream itself reads no device value either."""
+    assert t.cfg.train.log_every > steps + 1, "logged steps read metrics on the host by design"
+    t.train_step()
+    with no_host_reads():
+        for _ in range(steps):
+            t.train_step()
+
+
+def _client_state(opt: object) -> list[torch.Tensor]:
+    """Every tensor of the torch Adam's state (under DeepSpeed ZeRO, the one its wrapper holds)."""
+    inner = getattr(opt, "optimizer", opt)
+    return [v.detach().clone() for st in inner.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def nan_step_is_skipped(t: Trainer, bad_rank: int) -> None:
+    """One outer step whose D loss is NaN on `bad_rank` only: every rank skips D's update on the device (weights,
+    Adam moments and step count bitwise unchanged, `d_stepped` 0, one bad step counted), G still steps."""
+    s = t.strategy
+    d_before, opt_before = [p.detach().clone() for p in s.D.parameters()], _client_state(s.opt["d"])
+    g_before = [p.detach().clone() for p in s.G.parameters()]
+    real_d_loss = losses.d_loss
+
+    def nan_here(*args, **kwargs):
+        loss = real_d_loss(*args, **kwargs)
+        return loss * float("nan") if s.rank == bad_rank else loss
+
+    losses.d_loss = nan_here
+    try:
+        out = t.train_step()
+    finally:
+        losses.d_loss = real_d_loss
+    assert out["d_stepped"].tolist() == 0.0 and out["g_stepped"].tolist() == 1.0, out
+    for a, b in zip(d_before, s.D.parameters(), strict=True):
+        assert torch.equal(a, b), "a skipped D step changed D"
+    opt_after = _client_state(s.opt["d"])
+    assert len(opt_after) == len(opt_before) and all(map(torch.equal, opt_before, opt_after)), "Adam state moved"
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, s.G.parameters(), strict=True)), "G did not step"
+    assert t.bad_steps_total == 1
+
+
+def sync_free(out: Path) -> None:
+    strategies = []
+    setups = {"ddp": ["dist.strategy=ddp"], **{f"deepspeed-zero{z}": ["dist.strategy=deepspeed", _zero(z)]
+                                              for z in (0, 1, 2)}}
+    try:
+        for name, setup in setups.items():
+            cfg = load_config(None, [*BASE, f"run.out_dir={out}/{name}", "train.batch_size=4", "train.log_every=100",
+                                     "loss.penalty=r1", "model.d_batch_norm=false", *setup])
+            strategies.append(make_strategy(cfg))
+            t = Trainer(cfg, strategy=strategies[-1])
+            sync_free_steps(t)
+            nan_step_is_skipped(t, bad_rank=t.strategy.world_size - 1)
+            print(f"sync-free: {name} rank {t.strategy.rank} ok", flush=True)
+    finally:
+        for s in reversed(strategies):  # the first strategy owns the process group: it goes last
+            s.close()
+
+
 # The losses with a batch reference statistic (Ra: m(r), m(f); Rc: their midpoint c).
 REFERENCE_STAT_LOSSES = ("rasgan", "ralsgan", "rahinge", "rcsgan", "rclsgan", "rchinge")
 
@@ -223,7 +312,7 @@ def grads(out: Path, overrides: list[str]) -> None:
         _spread(s.D, seed=8)
         captured: dict[str, list[torch.Tensor]] = {}
 
-        def backward_only(phase: str, loss: torch.Tensor) -> None:
+        def backward_only(phase: str, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None:
             # The strategy's backward without the optimizer step: DDP has averaged the ranks' gradients.
             loss.backward()
             module = s.D if phase == "d" else s.G
@@ -253,4 +342,4 @@ if __name__ == "__main__":
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     {"leak": lambda: leak(Path(out_dir)), "equiv": lambda: equiv(Path(out_dir), rest),
      "grads": lambda: grads(Path(out_dir), rest), "reference": lambda: reference(Path(out_dir)),
-     "deepspeed": lambda: deepspeed_checks(Path(out_dir))}[scenario]()
+     "deepspeed": lambda: deepspeed_checks(Path(out_dir)), "sync_free": lambda: sync_free(Path(out_dir))}[scenario]()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from rgan_dist.config import Config, deepspeed_settings
-from rgan_dist.engine.strategy import DistributedStrategy, Phase
+from rgan_dist.engine.strategy import DistributedStrategy, Phase, step_unless_bad
 from rgan_dist.errors import ConfigError, UsageError
 
 
@@ -84,10 +84,13 @@ class DeepSpeedStrategy(DistributedStrategy):
             self.engines.clear()
             self.opt = {}
 
-    def backward_step(self, phase: Phase, loss: torch.Tensor) -> None:
+    def backward_step(self, phase: Phase, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         engine = self.engines[phase]
         engine.backward(loss)
-        engine.step()  # all-reduces (ZeRO-0) or reduce-scatters (ZeRO-1/2), steps, zeroes the gradients
+        # all-reduces (ZeRO-0) or reduce-scatters (ZeRO-1/2), steps, zeroes the gradients; the client Adam
+        # inside skips a non-finite update on the device (ZeRO-1/2 then copy back the unchanged weights)
+        if not step_unless_bad(engine.optimizer, finite, engine.step):
+            engine.zero_grad()  # the host-read fallback skipped engine.step, which zeroes the gradients
 
     def zero_grad(self, phase: Phase) -> None:
         self.engines[phase].zero_grad()

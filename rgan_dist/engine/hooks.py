@@ -38,9 +38,10 @@ class Callback:
     Stopping. `on_step_end` and `on_eval` may return True, or call `trainer.request_stop()`: the loop
     finishes the current step (samples, evaluation, checkpoint), saves the final checkpoint and returns
     with `TrainResult.stopped` set (not `interrupted`: nothing went wrong). Under several ranks the
-    request is agreed in the loop's one per-step `any_rank`, so a request on any rank stops every rank
-    after the same step. A callback may also raise: Tune's `report` ends a stopped trial with
-    `SystemExit(0)`, which `train()` closes as a finished run."""
+    request is agreed in the loop's `any_rank` at the next logged step (none in between: a step reads
+    nothing on the host), so a request on any rank stops every rank after the same step. A callback may
+    also raise: Tune's `report` ends a stopped trial with `SystemExit(0)`, which `train()` closes as a
+    finished run."""
 
     def on_start(self, trainer: Trainer) -> None: ...
 
@@ -55,7 +56,7 @@ class StopRequest:
     """SIGTERM (a scheduler's pre-emption notice) stops the loop like Ctrl-C: a final checkpoint is saved.
 
     One process: the handler raises KeyboardInterrupt at once. Several ranks: the handlers (SIGTERM and
-    SIGINT) only set a flag that the loop all-reduces after each step, so every rank stops after the same
+    SIGINT) only set a flag that the loop all-reduces at each logged step, so every rank stops after the same
     step and the final checkpoint's collectives line up (an exception in the middle of a collective
     would leave the ranks in different places)."""
 

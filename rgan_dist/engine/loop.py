@@ -88,9 +88,14 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
         self.grad_norms = GradNorms(self.strategy.opt)
         self.step = 0
-        self.bad_steps_total = 0
+        # Non-finite steps, counted on the device so a step never waits for the host (`_guarded_step`):
+        # all of them, the current run of consecutive ones per phase, and the step at which a phase's run
+        # reached train.max_bad_steps (-1: not yet), which `_check_diverged` reads at logged steps.
+        dev = self.strategy.device
+        self._bad_total = torch.zeros((), dtype=torch.int64, device=dev)
+        self._bad_run = {p: torch.zeros((), dtype=torch.int64, device=dev) for p in ("d", "g")}
+        self._diverged_at = {p: torch.full((), -1, dtype=torch.int64, device=dev) for p in ("d", "g")}
         self.reals_drawn = 0  # real images this rank took from the data stream in this process
-        self.bad_in_a_row = {"d": 0, "g": 0}
         self.best_fid = math.inf
         self.samples: list[Path] = []
         state.claim_run_folder(self, tracker_given=tracker is not None)
@@ -189,7 +194,7 @@ class Trainer:
         stats = {"d_loss": loss.detach().clone(), "penalty": self.last_penalty,
                  "d_real": c_real.detach().float().mean(), "d_fake": c_fake.detach().float().mean()}
         stepped = self._guarded_step("d", total)
-        return {**stats, "d_stepped": torch.tensor(float(stepped), device=s.device)}
+        return {**stats, "d_stepped": stepped}
 
     def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.strategy
@@ -197,25 +202,44 @@ class Trainer:
         with s.frozen_d():
             loss = self.compiled["g"](z, real)
         stepped = self._guarded_step("g", loss)
-        return {"g_loss": loss.detach().clone(), "g_stepped": torch.tensor(float(stepped), device=s.device)}
+        return {"g_loss": loss.detach().clone(), "g_stepped": stepped}
 
-    def _guarded_step(self, phase: str, loss: torch.Tensor) -> bool:
+    def _guarded_step(self, phase: str, loss: torch.Tensor) -> torch.Tensor:
         """Skip (and count) a step whose loss is not finite on some rank, instead of poisoning weights.
+        Returns the step's flag (1.0 stepped, 0.0 skipped) as a device tensor.
 
-        Consecutive failures are counted per phase: a D that is always NaN between healthy G steps
-        is still a diverged run."""
-        if self.strategy.all_finite(loss):
-            self.strategy.backward_step(phase, loss)
-            self.bad_in_a_row[phase] = 0
-            return True
-        self.strategy.zero_grad(phase)
-        self.bad_steps_total += 1
-        self.bad_in_a_row[phase] += 1
-        if self.bad_in_a_row[phase] >= self.cfg.train.max_bad_steps:
-            raise TrainingDiverged(
-                f"{self.bad_in_a_row[phase]} consecutive non-finite {phase.upper()} losses at step {self.step}: "
-                f"the run diverged; lower train.lr_d/lr_g, add a penalty, or use train.precision=fp32")
-        return False
+        Nothing here reads the device: the backward always runs, and the optimizer skips the update on
+        the device (`Strategy.backward_step`), so a step never drains the GPU queue. Consecutive failures
+        are counted per phase (a D that is always NaN between healthy G steps is still a diverged run);
+        `_check_diverged` raises at the next logged step."""
+        ok = self.strategy.all_finite(loss)
+        self.strategy.backward_step(phase, loss, ok)
+        bad = ok == 0
+        run = self._bad_run[phase]
+        run.add_(1).mul_(bad)
+        self._bad_total.add_(bad)
+        at = self._diverged_at[phase]
+        at.masked_fill_((at < 0) & (run >= self.cfg.train.max_bad_steps), self.step)
+        return ok
+
+    def _check_diverged(self) -> None:
+        """Raise TrainingDiverged if a phase had train.max_bad_steps consecutive non-finite losses: one host
+        read, made at logged steps (skipped steps changed no weights meanwhile, so nothing was lost)."""
+        d_at, g_at = torch.stack([self._diverged_at["d"], self._diverged_at["g"]]).tolist()
+        for phase, at in (("d", d_at), ("g", g_at)):
+            if at >= 0:
+                raise TrainingDiverged(
+                    f"{self.cfg.train.max_bad_steps} consecutive non-finite {phase.upper()} losses at step {at}: "
+                    f"the run diverged; lower train.lr_d/lr_g, add a penalty, or use train.precision=fp32")
+
+    @property
+    def bad_steps_total(self) -> int:
+        """Skipped (non-finite) phase steps so far; reads the device counter, so not for every step."""
+        return int(self._bad_total)
+
+    @bad_steps_total.setter
+    def bad_steps_total(self, value: int) -> None:  # a resumed run's count (engine.state)
+        self._bad_total.fill_(value)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         real = self._reals()
@@ -255,7 +279,10 @@ class Trainer:
                 out = self.train_step()
                 s.fault_point("step", self.step)
                 logged: dict[str, float] = {}
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                # Host reads (metrics, the divergence check, the ranks' stop agreement) at logged steps only.
+                log_step = self.step % t.log_every == 0 or self.step == t.steps
+                if log_step:
+                    self._check_diverged()
                     metrics = s.reduce_mean({**out, **self.grad_norms.take()})
                     metrics.update(img_per_s=throughput.rate(self.reals_drawn) * s.world_size,  # same on every rank
                                    skipped_samples=float(self.data.skipped), bad_steps=float(self.bad_steps_total))
@@ -275,11 +302,12 @@ class Trainer:
                     eta.add_eval(eval_seconds)  # the ETA does count it
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
-                # Ranks agree to stop at the same step (one tiny all-reduce), so the final checkpoint's
-                # gathers line up even when the signal (or a callback's request) reached them at different
-                # moments. One process: a signal raised at once; only a callback's request is left here.
+                # Ranks agree to stop at the same step (one tiny all-reduce, at logged steps), so the final
+                # checkpoint's gathers line up even when the signal (or a callback's request) reached them at
+                # different moments. One process: a signal raised at once; a callback's request stops here.
                 wants = stop.requested or self.stop_requested
-                if (s.any_rank(wants) if stop.enabled else wants) and self.step < t.steps:
+                agreed = (log_step and s.any_rank(wants)) if stop.enabled else wants
+                if agreed and self.step < t.steps:
                     if not self.stop_requested:
                         raise KeyboardInterrupt
                     stopped = True

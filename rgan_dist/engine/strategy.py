@@ -21,13 +21,18 @@ AOTAutograd), not these callables: `compile_step`.
 Collectives (`batch_means`, `all_finite`, `reduce_mean`, `any_rank`, `all_gather_object`, `broadcast_object`,
 `barrier`) are identities here; the distributed strategies make every rank agree through them, so the
 loop can call them unconditionally. The invariant they rely on: every rank calls the same collectives
-in the same order (one `all_finite` per phase, one `any_rank` per outer step, the gathers of a
+in the same order (one `all_finite` per phase, one `any_rank` per logged step, the gathers of a
 checkpoint), which holds because the loop has no rank-dependent branch before a collective.
+
+No host synchronisation per step. A training step never reads a device value on the host: `all_finite`
+returns a device flag (all-reduced on the device under several ranks), and `backward_step` skips a
+non-finite update on the device (`step_unless_bad`). The loop reads its counters only at logged steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,7 +105,8 @@ class Strategy:
         numerics do not depend on how it is distributed."""
         t = self.cfg.train
         # fused: one kernel (CUDA) or one vectorised loop (CPU) for all parameters instead of a handful of
-        # foreach launches per step; the same Adam maths (tests/test_reference_step.py pins the update).
+        # foreach launches per step (tests/test_reference_step.py pins the update), and it takes GradScaler's
+        # `found_inf`, which lets a non-finite step be skipped on the device (`step_unless_bad`).
         return {
             "g": torch.optim.Adam(self.G.parameters(), lr=t.lr_g, betas=tuple(t.betas), fused=True),
             "d": torch.optim.Adam(self.D.parameters(), lr=t.lr_d, betas=tuple(t.betas), fused=True),
@@ -113,20 +119,34 @@ class Strategy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def grad_scale(self, phase: Phase) -> float:
-        """Current fp16 loss scale (1.0 otherwise): the gradient penalty scales its own autograd.grad."""
-        return float(self.scalers[phase].get_scale()) if phase in self.scalers else 1.0
+    def grad_scale(self, phase: Phase) -> float | torch.Tensor:
+        """Current fp16 loss scale (1.0 otherwise): the gradient penalty scales its own autograd.grad.
 
-    def backward_step(self, phase: Phase, loss: torch.Tensor) -> None:
+        Under fp16 a device tensor (`GradScaler.scale` of a one, which also creates the scale before the
+        first step), not `get_scale()`'s float: that would read the scale on the host at every D step."""
+        scaler = self.scalers.get(phase)
+        return scaler.scale(torch.ones((), device=self.device)) if scaler is not None else 1.0
+
+    def backward_step(self, phase: Phase, loss: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         """One backward of the phase's whole loss, then an optimizer step. Exactly one backward per
-        step, as DeepSpeed requires (its ZeRO keeps only the last of two backwards before a step)."""
+        step, as DeepSpeed requires (its ZeRO keeps only the last of two backwards before a step).
+
+        `finite` (`all_finite`'s flag): where it is 0 the update is skipped on the device, leaving weights,
+        Adam's moments and step count as they were (`step_unless_bad`); None steps unconditionally."""
         opt = self.opt[phase]
         scaler = self.scalers.get(phase)
         if scaler is None:
             loss.backward()
-            opt.step()
+            step_unless_bad(opt, finite, opt.step)
         else:
+            if finite is not None:
+                # A non-finite loss makes every gradient non-finite (x * 1.0 is exact otherwise), so the
+                # scaler's own on-device check skips the step, and backs the scale off as for an overflow.
+                loss = loss * torch.where(finite > 0, 1.0, math.nan)
             scaler.scale(loss).backward()
+            # Unscaled before the step, not inside fused Adam's kernel: the optimizer's pre-step hooks
+            # (GradNorms) must see true gradients. On the device too (found_inf, no host read).
+            scaler.unscale_(opt)
             scaler.step(opt)
             scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -165,9 +185,10 @@ class Strategy:
         means over every rank's batch (`loss.batch_stats=global`)."""
         return losses.local_means(r, f)
 
-    def all_finite(self, *values: torch.Tensor) -> bool:
-        """Whether every rank saw finite values; ranks must agree or a skipped step would desync them."""
-        return bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all())
+    def all_finite(self, *values: torch.Tensor) -> torch.Tensor:
+        """Whether every rank saw finite values, as a float32 device scalar (1.0 yes, 0.0 no) that the
+        host never reads during a step. Ranks must agree or a skipped step would desync them."""
+        return torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values])).all().float()
 
     def reduce_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         return {k: float(v) for k, v in values.items()}
@@ -230,8 +251,13 @@ class Strategy:
                 f"DeepSpeed's folder beside it: resume it with dist.strategy={state.get('strategy')}")
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.opt["g"].load_state_dict(state["opt_g"])
-        self.opt["d"].load_state_dict(state["opt_d"])
+        for phase in ("g", "d"):
+            opt, saved = self.opt[phase], state[f"opt_{phase}"]
+            # How Adam runs (fused, foreach, ...) is this run's choice, not the checkpoint's: a checkpoint
+            # written before Adam was fused would otherwise turn it back to the loop that takes no found_inf.
+            groups = [{**g, **{k: now[k] for k in _ADAM_IMPLEMENTATION if k in now}}
+                      for g, now in zip(saved["param_groups"], opt.param_groups, strict=True)]
+            opt.load_state_dict({**saved, "param_groups": groups})
         for p, s in state.get("scalers", {}).items():
             if p in self.scalers:
                 self.scalers[p].load_state_dict(s)
@@ -263,6 +289,39 @@ class _CompiledStep:
                     print(f"rgan: warning: train.compile could not compile {self.what} "
                           f"({type(e).__name__}: {why}); it runs eager", flush=True)
         return self.eager(*args)
+
+
+# Adam's param_group keys that choose an implementation rather than the maths.
+_ADAM_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def step_unless_bad(opt: Any, finite: torch.Tensor | None, step: Callable[[], Any]) -> bool:
+    """Call `step()` (which steps `opt`, or an engine wrapping it) so that it changes nothing where `finite`
+    is 0, without reading `finite` on the host.
+
+    GradScaler's protocol for optimizers with `_step_supports_amp_scaling` (fused Adam): `found_inf` set on
+    the optimizer for the duration of the step; the fused kernel then leaves weights and moments untouched
+    and takes back its step count increment. (A torch Adam built fused whose groups were loaded from a
+    non-fused state dict keeps `_step_supports_amp_scaling` but runs the loop that refuses `found_inf`, hence
+    the check of the groups.) An optimizer without it (another optimizer, a device without
+    fused Adam) cannot skip on the device, so the host reads the flag: correct, at the cost of a sync.
+    Returns False only when that fallback did not call `step()`."""
+    inner = opt
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # DeepSpeed's ZeRO wrapper holds the client torch optimizer
+    if finite is None:
+        step()
+    elif getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups):
+        inner.found_inf = 1.0 - finite
+        try:
+            step()
+        finally:
+            del inner.found_inf
+    elif bool(finite > 0):
+        step()
+    else:
+        return False
+    return True
 
 
 # ---- several ranks ---------------------------------------------------------------------------------
@@ -323,10 +382,11 @@ class DistributedStrategy(Strategy):
         total = _AllReduceSum.apply(parts)
         return total[0] / total[2], total[1] / total[3]
 
-    def all_finite(self, *values: torch.Tensor) -> bool:
-        ok = torch.isfinite(torch.stack([v.detach().float() for v in values])).all().float().reshape(1)
+    def all_finite(self, *values: torch.Tensor) -> torch.Tensor:
+        # the minimum over ranks, on the device (NCCL: asynchronous to the host)
+        ok = super().all_finite(*values).reshape(1)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item() > 0)
+        return ok.reshape(())
 
     def sync_buffers(self, modules: list[nn.Module]) -> None:
         for module in modules:
