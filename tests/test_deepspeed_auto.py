@@ -33,8 +33,10 @@ def test_hf_template_autos_are_filled_from_the_config():
     assert out["gradient_clipping"] == 0.0  # no clipping, as the other strategies
     # Precision and optimizer are ours (bf16 autocast over fp32 weights, the client torch Adam): sections dropped.
     assert not {"fp16", "bf16", "optimizer", "scheduler"} & set(out)
+    # compute_grad_norm: off because clipping is 0 (no per-step host read of the norm: the sync-free step)
     assert out["zero_optimization"] == {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
-                                        "overlap_comm": True, "reduce_scatter": True, "contiguous_gradients": True}
+                                        "overlap_comm": True, "reduce_scatter": True, "contiguous_gradients": True,
+                                        "compute_grad_norm": False}
     assert "auto" not in json.dumps(out)
     # Values that restate the config are accepted too.
     same = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam", "params": {
