@@ -307,15 +307,19 @@ def test_a_sweep_continues_after_its_driver_is_killed(ray_local, tmp_path, monke
     """SIGKILL the driver (another process on the same Ray) once the first trial has reported; `--resume`
     restores the experiment: both trials end at their last step, under the same MLflow parent run."""
     monkeypatch.chdir(tmp_path)
-    path = write_sweep(tmp_path / "resume.yaml", name="resume", max_concurrent_trials=1,
+    # --address is a cluster, which needs storage: the folder holds the sweep's outputs and its MLflow store,
+    # which the resumed driver (this process, no --address) must find at the same place.
+    shared = tmp_path / "shared"
+    path = write_sweep(tmp_path / "resume.yaml", name="resume", max_concurrent_trials=1, storage=str(shared),
                        space={"loss.name": {"grid": ["rsgan", "rasgan"]}},
-                       overrides={**TINY, "tracking.experiment": "rgan-sweep-resume"})
+                       overrides={**TINY, "tracking.experiment": "rgan-sweep-resume",
+                                  "tracking.mlflow_uri": f"sqlite:///{shared / 'mlflow.db'}"})
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "launcher.sweep", "--config", str(path), "--address", address,
                                "--verbose", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
-    out_dir = tmp_path / "runs" / "sweeps" / "resume"
+    out_dir = shared / "resume"
     try:
         deadline = time.monotonic() + 240
         while not list(out_dir.glob("trial_*/checkpoint_*")):
@@ -333,7 +337,7 @@ def test_a_sweep_continues_after_its_driver_is_killed(ray_local, tmp_path, monke
     result = run_sweep(load_sweep(path), resume=True, verbose=0)
     assert [r.step for r in result.rows] == [20, 20] and {r.outcome for r in result.rows} == {"completed"}
     assert result.parent_run_id == parent_id
-    client, runs = mlflow_runs(tmp_path / "mlflow.db", "rgan-sweep-resume")
+    client, runs = mlflow_runs(shared / "mlflow.db", "rgan-sweep-resume")
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert all(r.info.status != "RUNNING" for r in runs)
 
