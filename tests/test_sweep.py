@@ -229,7 +229,9 @@ def test_schedulers_use_generator_steps(tmp_path):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # log_to_driver=False: trial workers' lines reach this process late and asynchronously, and would land in
+    # the stderr of whichever test runs then (tests below assert exact one-line errors).
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -408,14 +410,18 @@ def test_on_a_cluster_a_localhost_mlflow_server_is_named_by_the_head_nodes_addre
 # ------------------------------------------------------------------------------- on a cluster (--address)
 
 
-def test_a_cluster_sweep_without_storage_is_a_one_line_error_before_ray(tmp_path, capsys, monkeypatch):
+def test_a_cluster_sweep_without_storage_is_a_one_line_error_before_ray(tmp_path, monkeypatch):
     """Trials on other nodes cannot reach a folder of the driver's machine: `--address` needs `storage`.
     (An address where no Ray listens: a regression must not run trials on some cluster `auto` would find.)"""
     monkeypatch.chdir(tmp_path)
-    assert sweep_cli.main(["--config", str(SWEEPS / "smoke.yaml"), "--address", "127.0.0.1:1"]) == 2
-    err = capsys.readouterr().err
+    # The CLI in a process of its own, as a user runs it: this test process may hold another test's Ray
+    # connection, whose workers' log lines would land in the same stderr.
+    p = subprocess.run([sys.executable, "-m", "launcher.sweep", "--config", str(SWEEPS / "smoke.yaml"),
+                        "--address", "127.0.0.1:1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    err = p.stderr
+    assert p.returncode == 2, err
     assert err.startswith("rgan sweep: error: rgan sweep --address: sweep ") and "sets no storage" in err
-    assert "storage=/mnt/shared/sweeps" in err and err.count("\n") == 1
+    assert "storage=/mnt/shared/sweeps" in err and err.count("\n") == 1, err
     # the library refuses too, before connecting to anything
     with pytest.raises(UsageError, match="sets no storage"):
         run_sweep(load_sweep(SWEEPS / "smoke.yaml"), address="127.0.0.1:1")
