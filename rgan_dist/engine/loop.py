@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,18 +27,12 @@ from rgan_dist.engine import make_strategy, state
 from rgan_dist.engine.hooks import Callback, Eta, GradNorms, StopRequest, Throughput, TrainResult, progress_bar
 from rgan_dist.engine.step import GANStep, TrainingDiverged
 from rgan_dist.engine.strategy import Strategy
-from rgan_dist.metrics.evaluator import make_evaluator
+from rgan_dist.metrics.evaluator import Evaluator, make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.samples import save_grid
 from rgan_dist.tracking import Tracker, make_tracker, run_tags
 
 __all__ = ["Evaluator", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "train"]
-
-
-class Evaluator(Protocol):
-    """Called every `eval.every` steps with the generator to judge; returns metrics such as fid/kid."""
-
-    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -74,6 +68,7 @@ class Trainer:
         self.grad_norms = GradNorms(self.strategy.opt)
         self.step = 0
         self.gan = GANStep(cfg, self.strategy, self.gen)  # one D step and one G step (engine.step)
+        self.d_concat = self.gan.d_concat  # real and fake judged in one D forward (`GANStep._d_forward`)
         self.reals_drawn = 0  # real images this rank took from the data stream in this process
         self.best_fid = math.inf
         self.samples: list[Path] = []
@@ -112,10 +107,6 @@ class Trainer:
             self.ema.update(self.strategy.G)
         self.step += 1
         return out
-
-    @property
-    def d_concat(self) -> bool:
-        return self.gan.d_concat
 
     @property
     def d_steps(self) -> int:
