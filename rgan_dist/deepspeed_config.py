@@ -26,7 +26,6 @@ class Settings(Protocol):
     def train(self) -> Any: ...
 
 
-
 # Keys the strategy owns: it derives them from the rgan config, and a JSON that sets them differently
 # would silently change the training (batch, precision, optimizer) behind the config's back. A section is
 # accepted when it only says "auto" (or restates ours), as Hugging Face/Accelerate configs do.
