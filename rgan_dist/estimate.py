@@ -282,13 +282,13 @@ def estimate_sweep(spec: Any, *, step_time: float | None = None, num_cpus: int |
     """Every planned trial's config (its grid values; a randomly drawn value keeps the base's) timed once
     per distinct config, or all given `step_time`."""
     from rgan_dist.sweep import planned_trials, trial_overrides
-    from rgan_dist.sweep.space import _distribution
+    from rgan_dist.sweep.space import distribution
 
     res = spec.resources
     measured: dict[str, StepTime] = {}
     trials = []
     for i, trial in enumerate(planned_trials(spec)):
-        drawn = {k: v for k, v in trial.items() if _distribution(spec.space.get(k), k)[0] in ("grid", "fixed")}
+        drawn = {k: v for k, v in trial.items() if distribution(spec.space.get(k), k)[0] in ("grid", "fixed")}
         values = trial_overrides(drawn)
         cfg = config_from_dict(spec.base_config.to_dict(), where=f"trial {i}", values=values)
         key = json.dumps(values, sort_keys=True, default=str)

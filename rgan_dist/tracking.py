@@ -266,18 +266,18 @@ def describe_run(cfg: Config, world_size: int = 1) -> str:
 def dataset_tags(spec: str) -> dict[str, str]:
     """The training data's identity: `rgan.dataset` (the spec) and, for a shard set whose content can be
     identified, `rgan.dataset_sha256`, computed exactly as the FID protocol's `fid.reference_dataset_sha256`
-    (`rgan_dist.metrics.features.dataset_identity`: sha256 of the manifest's shard checksums, in order), so
+    (`data_pipeline.identity.content_sha256`: sha256 of the manifest's shard checksums, in order), so
     runs on the same shards carry the same value."""
     tags = {"rgan.dataset": spec}
     if spec.startswith("sklearn:"):  # embedded in memory: identified by the package version (version.* tags)
         return tags
+    from data_pipeline.identity import content_sha256
     from data_pipeline.shardset import resolve
-    from rgan_dist.metrics.features import ImageSource, dataset_identity
 
     shards = resolve(spec, count=False)  # the manifest, if any; never a scan of every tar for its count
-    identity = dataset_identity(ImageSource(spec, "shards", shards.num_samples, shards=shards))
-    if identity is not None:
-        tags["rgan.dataset_sha256"] = str(identity["dataset_sha256"])
+    digest = content_sha256(shards)
+    if digest is not None:
+        tags["rgan.dataset_sha256"] = digest
     if shards.num_samples is not None:
         tags["rgan.dataset_samples"] = str(shards.num_samples)
     return tags

@@ -63,7 +63,7 @@ def leak(out: Path) -> None:
         real = a._reals()
         fake = torch.randn(real.shape, generator=torch.Generator().manual_seed(5)).clamp(-1, 1)
         # A: G step (D frozen, as the loop does), then D's update on fixed inputs.
-        a.g_step(real)
+        a.gan.g_step(real, a.step)
         no_grad_on_d = all(p.grad is None for p in a.strategy.D.parameters())
         _d_step_on(a, real, fake)
         # B: the same D update with no G step before it.
@@ -72,7 +72,7 @@ def leak(out: Path) -> None:
         # ZeRO-2 notices the stray gradient itself (it refuses to reduce a gradient twice); the others
         # silently fold it into D's update, which the comparison with B shows.
         c.strategy.frozen_d = contextlib.nullcontext  # type: ignore[method-assign]
-        c.g_step(real)
+        c.gan.g_step(real, c.step)
         control_grad_on_d = any(p.grad is not None for p in c.strategy.D.parameters())
         try:
             _d_step_on(c, real, fake)
@@ -102,6 +102,7 @@ class _SlicedStreamTrainer(Trainer):
         super().__init__(*a, **kw)
         self.images = load_digits_uint8(self.cfg.model.resolution, self.cfg.model.channels)
         self.stream = torch.Generator().manual_seed(1234)
+        self.gan.z = self._z  # the steps' noise (engine.step.GANStep.z) from the same global stream
 
     def _slice(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0] // self.strategy.world_size
@@ -327,8 +328,8 @@ def grads(out: Path, overrides: list[str]) -> None:
                 cfg.loss.name, cfg.loss.batch_stats = name, stats
                 t.stream.manual_seed(1234)  # the same reals and noise for every variant
                 real = t._reals()
-                t.d_step(real)
-                t.g_step(real)
+                t.gan.d_step(real, t.step)
+                t.gan.g_step(real, t.step)
                 results[f"{name}/{stats}"] = {"d": captured["d"], "g": captured["g"]}
         if s.is_main:
             torch.save(results, out / f"grads-{s.name}-{s.world_size}.pt")

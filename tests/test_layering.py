@@ -41,6 +41,101 @@ def test_data_pipeline_imports_nothing_of_the_gan_code():
     assert not bad, f"data_pipeline must not import the GAN library or the launcher: {sorted(bad)}"
 
 
+PACKAGES = ("rgan_dist", "launcher", "data_pipeline", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_edges(path: Path, name: str, known: set[str], *, function_level: bool) -> set[str]:
+    """The tree's modules `name` (the module in `path`) imports: `from a.b import c` counts `a.b.c` where that
+    is a module and `a.b` otherwise, relative imports resolved. The packages Python runs on the way
+    (`a/__init__` before `a.b`) are not edges: a package's `__init__` re-exporting its own modules is not a
+    circle a reader follows, an import naming the package is. Module level includes `if
+    TYPE_CHECKING:` blocks (a reader follows them as much as any import); `function_level` adds the imports
+    inside functions and methods."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+    def nodes(body: list[ast.stmt]):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if function_level:
+                    yield from ast.walk(node)
+            elif isinstance(node, ast.ClassDef):
+                yield from nodes(node.body)
+            else:
+                for child in ast.walk(node):
+                    if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not function_level:
+                        continue
+                    yield child
+
+    found: set[str] = set()
+    for node in nodes(tree.body):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*up, base] if base else up)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for target in targets:
+            if target in known:
+                found.add(target)
+    found.discard(name)
+    return found
+
+
+def import_cycles(*, function_level: bool) -> list[list[str]]:
+    """The tree's import cycles: the strongly connected components (more than one module) of its import graph."""
+    files = {module_name(f): f for pkg in PACKAGES for f in sorted((ROOT / pkg).rglob("*.py"))}
+    known = set(files)
+    graph = {m: import_edges(f, m, known, function_level=function_level) for m, f in files.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+@pytest.mark.parametrize("function_level", [False, True], ids=["module-level", "with-function-level"])
+def test_no_import_cycle_anywhere(function_level):
+    """No import cycle in rgan_dist, launcher, data_pipeline or benchmarks, so data and control flow
+    downward and any module can be read knowing only those below it. Both levels are checked: the
+    module-level graph (`if TYPE_CHECKING:` imports included), and the graph with the lazy imports inside
+    functions added. A lazy import keeps a CLI light (torch, deepspeed, mlflow load on demand); it must not
+    be the way to reach back up, or the layering only holds until the function runs."""
+    cycles = import_cycles(function_level=function_level)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
 def test_reading_a_config_does_not_import_torch():
     """Why config.LOSS_NAMES/PENALTY_NAMES are spelled out instead of imported from rgan_dist.losses:
     `rgan train --help` and `--print-config` stay instant."""

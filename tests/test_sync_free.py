@@ -18,7 +18,8 @@ from dist_worker import nan_step_is_skipped, no_host_reads, sync_free_steps
 from jobs import ok, run_job
 
 from rgan_dist import losses
-from rgan_dist.config import deepspeed_settings, load_config
+from rgan_dist.config import load_config
+from rgan_dist.deepspeed_config import deepspeed_settings
 from rgan_dist.engine.loop import Trainer, TrainingDiverged
 
 BASE = [*TINY, "train.batch_size=4", "train.log_every=100", "train.sample_every=0", "tracking.enabled=false",

@@ -67,7 +67,7 @@ def test_d_is_frozen_during_g_step(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.steps=1")
     t = Trainer(cfg)
     real = t._reals()
-    t.g_step(real)
+    t.gan.g_step(real, t.step)
     assert all(p.grad is None for p in t.strategy.D.parameters())
     assert all(p.requires_grad for p in t.strategy.D.parameters())  # unfrozen afterwards
     t.strategy.close()

@@ -1,8 +1,10 @@
-"""The G/D training engine: `loop` (the GAN story: build, step, fit, evaluate), `state` (what a checkpoint
-holds; the collective save and resume), the strategy seam (`strategy`: one process; `ddp`, `deepspeed`),
+"""The G/D training engine: `loop` (the GAN story: build, step, fit, evaluate), `step` (one D step and one G
+step), `state` (what a checkpoint holds; the collective save and resume), `hooks` (callbacks, signals, what a
+logged step measures), the strategy seam (`strategy`: one process; `ddp`, `deepspeed`),
 and `distributed` (rank, device, process group: the one entrance, also for `rgan eval` and `rgan fid`).
 
-Imports run one way: distributed <- strategy <- ddp, deepspeed <- this module's `make_strategy` <- loop."""
+Imports run one way: distributed <- strategy <- ddp, deepspeed <- this module's `make_strategy` <- loop, and
+strategy <- step, hooks, state <- loop (hooks and state are handed the Trainer, typed by a Protocol)."""
 
 from __future__ import annotations
 

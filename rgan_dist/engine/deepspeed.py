@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rgan_dist.config import Config, deepspeed_settings
+from rgan_dist.config import Config
+from rgan_dist.deepspeed_config import deepspeed_settings
 from rgan_dist.engine.strategy import DistributedStrategy, Phase, step_unless_bad
 from rgan_dist.errors import ConfigError, UsageError
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one engine (see `rgan_dist.config.deepspeed_settings`)."""
+    """The DeepSpeed config for one engine (see `rgan_dist.deepspeed_config.deepspeed_settings`)."""
     return deepspeed_settings(cfg, world_size)
 
 

@@ -9,12 +9,44 @@ import functools
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
-    from rgan_dist.engine.loop import Trainer, TrainResult
+    from rgan_dist.config import Config
+    from rgan_dist.engine.strategy import Strategy
+
+
+class Trainer(Protocol):
+    """What a callback is handed: the run's `engine.loop.Trainer` itself. Named here by the part every
+    callback may rely on, so that this module, below the loop, needs no import of it."""
+
+    cfg: Config
+    strategy: Strategy
+    step: int
+
+    def request_stop(self) -> None: ...
+
+    def save_checkpoint(self) -> Path | None: ...
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` returns (and `on_end` receives)."""
+
+    step: int
+    out_dir: Path
+    checkpoint: Path | None
+    samples: list[Path] = field(default_factory=list)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    bad_steps: int = 0
+    interrupted: bool = False   # Ctrl-C or SIGTERM
+    stopped: bool = False       # a callback asked to stop (`Trainer.request_stop`)
+    seconds: float = 0.0        # whole fit(), final checkpoint and samples included
+    loop_seconds: float = 0.0   # the step loop alone: what throughput figures divide by
 
 
 class Callback:

@@ -1,8 +1,9 @@
-"""The G/D training loop, written once above the strategy seam (`strategy.py`).
+"""The G/D training loop, written once above the strategy seam (`strategy.py`): build, step, fit, evaluate.
 
-One outer step = `n_dis` discriminator steps, then one generator step, then EMA and bookkeeping.
-Every loss decision (which forwards, what is detached, which D is frozen) is in `d_step`/`g_step`
-below; the formulas themselves live in `rgan_dist.losses`.
+One outer step = `n_dis` discriminator steps, then one generator step, then EMA and bookkeeping. What
+one D step and one G step do (inputs, forwards, penalty schedule, guarded update) is `engine.step`;
+checkpoint state is `engine.state`; callbacks, the stop request and what a logged step measures are
+`engine.hooks`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,39 +21,18 @@ import torch
 from rgan_dist import losses
 from rgan_dist.checkpoint import CheckpointManager
 from rgan_dist.config import Config
-from rgan_dist.data import BatchIterator, make_batches, to_model_input
+from rgan_dist.data import BatchIterator, make_batches
 from rgan_dist.ema import EMA
 from rgan_dist.engine import make_strategy, state
-from rgan_dist.engine.hooks import Callback, Eta, GradNorms, StopRequest, Throughput, progress_bar
+from rgan_dist.engine.hooks import Callback, Eta, GradNorms, StopRequest, Throughput, TrainResult, progress_bar
+from rgan_dist.engine.step import GANStep, TrainingDiverged
 from rgan_dist.engine.strategy import Strategy
-from rgan_dist.metrics.evaluator import make_evaluator
+from rgan_dist.metrics.evaluator import Evaluator, make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.samples import save_grid
 from rgan_dist.tracking import Tracker, make_tracker, run_tags
 
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps: the run cannot recover by skipping."""
-
-
-class Evaluator(Protocol):
-    """Called every `eval.every` steps with the generator to judge; returns metrics such as fid/kid."""
-
-    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]: ...
-
-
-@dataclass
-class TrainResult:
-    step: int
-    out_dir: Path
-    checkpoint: Path | None
-    samples: list[Path] = field(default_factory=list)
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    bad_steps: int = 0
-    interrupted: bool = False   # Ctrl-C or SIGTERM
-    stopped: bool = False       # a callback asked to stop (`Trainer.request_stop`)
-    seconds: float = 0.0        # whole fit(), final checkpoint and samples included
-    loop_seconds: float = 0.0   # the step loop alone: what throughput figures divide by
+__all__ = ["Evaluator", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "train"]
 
 
 def seed_everything(seed: int) -> None:
@@ -88,28 +67,14 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
         self.grad_norms = GradNorms(self.strategy.opt)
         self.step = 0
-        # Non-finite steps, counted on the device so a step never waits for the host (`_guarded_step`):
-        # all of them, the current run of consecutive ones per phase, and the step at which a phase's run
-        # reached train.max_bad_steps (-1: not yet), which `_check_diverged` reads at logged steps.
-        dev = self.strategy.device
-        self._bad_total = torch.zeros((), dtype=torch.int64, device=dev)
-        self._bad_run = {p: torch.zeros((), dtype=torch.int64, device=dev) for p in ("d", "g")}
-        self._diverged_at = {p: torch.full((), -1, dtype=torch.int64, device=dev) for p in ("d", "g")}
+        self.gan = GANStep(cfg, self.strategy, self.gen)  # one D step and one G step (engine.step)
+        self.d_concat = self.gan.d_concat  # real and fake judged in one D forward (`GANStep._d_forward`)
         self.reals_drawn = 0  # real images this rank took from the data stream in this process
         self.best_fid = math.inf
         self.samples: list[Path] = []
         state.claim_run_folder(self, tracker_given=tracker is not None)
         data_state = state.resume(self)
-        # D steps so far (lazy regularisation counts them); a run resumes at a whole outer step.
-        self.d_steps = self.step * cfg.train.n_dis
-        self.last_penalty = torch.zeros((), device=self.strategy.device)  # logged between lazy penalty steps
-        D = self.strategy.D
-        self.d_concat = not any(True for _ in D.buffers()) and not any(
-            isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in D.modules())
-        # The step's forward+loss functions, compiled once each (`train.compile`), eager where capture fails.
-        self.compiled = {name: self.strategy.compile_step(fn, what) for name, fn, what in (
-            ("fakes", self._fakes, "G(z) of the D step"), ("d", self._d_forward, "the D step's forward and loss"),
-            ("g", self._g_forward, "the G step's forward and loss"))}
+        self.gan.d_steps = self.step * cfg.train.n_dis  # a run resumes at a whole outer step
         self.data: BatchIterator = make_batches(cfg, rank=self.strategy.rank, world_size=self.strategy.world_size,
                                                 device=self.strategy.device, state=data_state)
         # Last, so a run that fails to start leaves no open MLflow run; the evaluator first, so a missing
@@ -124,137 +89,41 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------------
 
     def _reals(self) -> torch.Tensor:
-        t = self.cfg.train
-        real = to_model_input(next(self.data), self.strategy.device, channels_last=t.channels_last,
-                              flip=t.flip, generator=self.gen)
+        real = self.gan.reals(next(self.data))
         self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
         return real
-
-    def _z(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.cfg.model.z_dim, device=self.strategy.device, generator=self.gen)
-
-    def _fakes(self, z: torch.Tensor) -> torch.Tensor:
-        """G(z) for the D step, without a graph (D's update must not reach G)."""
-        s = self.strategy
-        with torch.no_grad(), s.autocast():
-            return s.run_G(z)
-
-    def _d_forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """D's loss and logits on a real and a fake batch.
-
-        One forward on their concatenation when D treats every image on its own (`d_concat`): half the
-        kernel launches, and bigger ones. With BatchNorm the two batches must be normalised with their own
-        statistics, and a D with buffers (spectral norm's power iteration, BN's running statistics) would
-        update them once instead of twice, so such a D keeps two forwards."""
-        s = self.strategy
-        with s.autocast():
-            if self.d_concat:
-                c = s.run_D(torch.cat([real, fake]))
-                c_real, c_fake = c[: c.shape[0] // 2], c[c.shape[0] // 2:]
-            else:
-                c_real, c_fake = s.run_D(real), s.run_D(fake)
-            loss = losses.d_loss(self.cfg.loss.name, c_real, c_fake, means=s.batch_means)
-        return loss, c_real, c_fake
-
-    def _g_forward(self, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """G's loss (call with D frozen): D on G(z) and, for relativistic losses, on the reals."""
-        cfg, s = self.cfg, self.strategy
-        with s.autocast():
-            c_fake = s.run_D_frozen(s.run_G(z))
-            # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
-            c_real = s.run_D_frozen(real) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
-            return losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
-
-    def d_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg, s = self.cfg, self.strategy
-        fake = self.compiled["fakes"](self._z(real.shape[0]))
-        # Lazy regularisation (StyleGAN2): the penalty on every k-th D step only, weighted k times, so its
-        # expected gradient is unchanged; k = loss.penalty_every, counted over D steps from step 0 (resume too).
-        k = cfg.loss.penalty_every
-        penalised = cfg.loss.penalty != "none" and self.d_steps % k == 0
-        self.d_steps += 1
-        sides = losses.penalty_inputs(cfg.loss.penalty) if penalised else None
-        if sides is not None:
-            # R1/R2 differentiate this very forward at its inputs (no third forward), so it runs eager:
-            # aot_autograd cannot double-backward. Under the same autocast as the loss.
-            real, fake = real.detach().requires_grad_(sides[0]), fake.detach().requires_grad_(sides[1])
-            loss, c_real, c_fake = self._d_forward(real, fake)
-            pen = losses.penalty_from_forward(cfg.loss.penalty, real, fake, c_real, c_fake, cfg.loss.penalty_weight,
-                                              grad_scale=s.grad_scale("d"))
-        else:
-            loss, c_real, c_fake = self.compiled["d"](real, fake)
-            pen = None
-            if penalised:  # wgan-gp: a forward of its own on interpolates, eager, outside autocast
-                pen = losses.penalty(cfg.loss.penalty, s.run_D, real, fake, cfg.loss.penalty_weight,
-                                     generator=self.gen, grad_scale=s.grad_scale("d"))
-        if pen is not None:
-            self.last_penalty = pen.detach()
-        # The penalty is part of the same loss so there is exactly one backward per D step.
-        total = loss + pen * k if pen is not None else loss
-        stats = {"d_loss": loss.detach().clone(), "penalty": self.last_penalty,
-                 "d_real": c_real.detach().float().mean(), "d_fake": c_fake.detach().float().mean()}
-        stepped = self._guarded_step("d", total)
-        return {**stats, "d_stepped": stepped}
-
-    def g_step(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        s = self.strategy
-        z = self._z(real.shape[0])
-        with s.frozen_d():
-            loss = self.compiled["g"](z, real)
-        stepped = self._guarded_step("g", loss)
-        return {"g_loss": loss.detach().clone(), "g_stepped": stepped}
-
-    def _guarded_step(self, phase: str, loss: torch.Tensor) -> torch.Tensor:
-        """Skip (and count) a step whose loss is not finite on some rank, instead of poisoning weights.
-        Returns the step's flag (1.0 stepped, 0.0 skipped) as a device tensor.
-
-        Nothing here reads the device: the backward always runs, and the optimizer skips the update on
-        the device (`Strategy.backward_step`), so a step never drains the GPU queue. Consecutive failures
-        are counted per phase (a D that is always NaN between healthy G steps is still a diverged run);
-        `_check_diverged` raises at the next logged step."""
-        ok = self.strategy.all_finite(loss)
-        self.strategy.backward_step(phase, loss, ok)
-        bad = ok == 0
-        run = self._bad_run[phase]
-        run.add_(1).mul_(bad)
-        self._bad_total.add_(bad)
-        at = self._diverged_at[phase]
-        at.masked_fill_((at < 0) & (run >= self.cfg.train.max_bad_steps), self.step)
-        return ok
-
-    def _check_diverged(self) -> None:
-        """Raise TrainingDiverged if a phase had train.max_bad_steps consecutive non-finite losses: one host
-        read, made at logged steps (skipped steps changed no weights meanwhile, so nothing was lost)."""
-        d_at, g_at = torch.stack([self._diverged_at["d"], self._diverged_at["g"]]).tolist()
-        for phase, at in (("d", d_at), ("g", g_at)):
-            if at >= 0:
-                raise TrainingDiverged(
-                    f"{self.cfg.train.max_bad_steps} consecutive non-finite {phase.upper()} losses at step {at}: "
-                    f"the run diverged; lower train.lr_d/lr_g, add a penalty, or use train.precision=fp32")
-
-    @property
-    def bad_steps_total(self) -> int:
-        """Skipped (non-finite) phase steps so far; reads the device counter, so not for every step."""
-        return int(self._bad_total)
-
-    @bad_steps_total.setter
-    def bad_steps_total(self, value: int) -> None:  # a resumed run's count (engine.state)
-        self._bad_total.fill_(value)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         real = self._reals()
         for i in range(self.cfg.train.n_dis):
             if i:
                 real = self._reals()
-            out = self.d_step(real)
+            out = self.gan.d_step(real, self.step)
         # Only relativistic G losses look at reals; for the others a fresh batch would be decoded for nothing.
         if self.cfg.train.fresh_real_for_g and losses.needs_real_in_g_step(self.cfg.loss.name):
             real = self._reals()
-        out.update(self.g_step(real))
+        out.update(self.gan.g_step(real, self.step))
         if self.ema is not None:
             self.ema.update(self.strategy.G)
         self.step += 1
         return out
+
+    @property
+    def d_steps(self) -> int:
+        return self.gan.d_steps
+
+    @d_steps.setter
+    def d_steps(self, value: int) -> None:
+        self.gan.d_steps = value
+
+    @property
+    def bad_steps_total(self) -> int:
+        """Skipped (non-finite) phase steps so far; reads the device counter, so not for every step."""
+        return int(self.gan.bad_total)
+
+    @bad_steps_total.setter
+    def bad_steps_total(self, value: int) -> None:  # a resumed run's count (engine.state)
+        self.gan.bad_total.fill_(value)
 
     # ---- the run --------------------------------------------------------------------------------
 
@@ -282,7 +151,7 @@ class Trainer:
                 # Host reads (metrics, the divergence check, the ranks' stop agreement) at logged steps only.
                 log_step = self.step % t.log_every == 0 or self.step == t.steps
                 if log_step:
-                    self._check_diverged()
+                    self.gan.check_diverged()
                     metrics = s.reduce_mean({**out, **self.grad_norms.take()})
                     metrics.update(img_per_s=throughput.rate(self.reals_drawn) * s.world_size,  # same on every rank
                                    skipped_samples=float(self.data.skipped), bad_steps=float(self.bad_steps_total))

@@ -14,17 +14,35 @@ import hashlib
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, load_checkpoint, previous_run, set_aside
-from rgan_dist.config import dump_config
+from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, CheckpointManager, load_checkpoint, previous_run, set_aside
+from rgan_dist.config import Config, dump_config
 from rgan_dist.errors import UsageError
 
 if TYPE_CHECKING:
-    from rgan_dist.engine.loop import Trainer
+    from rgan_dist.ema import EMA
+    from rgan_dist.engine.strategy import Strategy
+
+
+class Trainer(Protocol):
+    """What a checkpoint saves and resumes of a run: the parts of `engine.loop.Trainer` this module reads
+    and sets, named here so that it needs no import of the loop above it."""
+
+    cfg: Config
+    strategy: Strategy
+    ckpt: CheckpointManager
+    ema: EMA | None
+    gen: torch.Generator
+    data: Any  # rgan_dist.data.BatchIterator (its `state()`), not built yet while resuming
+    step: int
+    bad_steps_total: int
+    best_fid: float
+
+    def buffered_modules(self) -> list[torch.nn.Module]: ...
 
 
 def state_dict(trainer: Trainer) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -396,6 +396,13 @@ class EvaluatorSuite:
 
 # What computes each name `eval.metrics` may list (config.EVAL_METRICS mirrors the keys; a test checks):
 # metrics that share an evaluator (fid and kid: one Inception pass) are computed by one instance.
+class Evaluator(Protocol):
+    """What the loop calls every `eval.every` steps with the generator to judge; returns metrics such as
+    fid/kid (`make_evaluator` builds the configured one; tests hand in their own)."""
+
+    def __call__(self, step: int, generator: torch.nn.Module) -> dict[str, float]: ...
+
+
 METRICS: dict[str, type] = {"fid": FidEvaluator, "kid": FidEvaluator, "modes": ModesEvaluator}
 
 

@@ -14,8 +14,6 @@ on every rank.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -29,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from data_pipeline.identity import content_sha256
 from rgan_dist.errors import UsageError
 from rgan_dist.metrics.fid import FeatureStats, compare_stats
 from rgan_dist.metrics.inception import FEATURE_DIM, InceptionNetwork
@@ -327,24 +326,15 @@ def network_meta(network: InceptionNetwork) -> dict[str, Any]:
 def dataset_identity(src: ImageSource, resolution: int | None = None) -> dict[str, Any] | None:
     """What a shard set's reference statistics depend on besides the network: the shards' content (the
     manifest's sha256 list, in order), how they are stored (resolution, format) and the size they are
-    decoded at. Rewriting shards into the same folder changes `dataset_sha256`, so a cached file of the
-    old set is never taken for the new one. None when the content cannot be identified (then nothing is
-    cached)."""
+    decoded at. Rewriting shards into the same folder changes `dataset_sha256`
+    (`data_pipeline.identity.content_sha256`), so a cached file of the old set is never taken for the new
+    one. None when the content cannot be identified (then nothing is cached)."""
     if src.kind != "shards" or src.shards is None:
         return None
-    manifest = src.shards.manifest or {}
-    listed = manifest.get("shards") or []
-    if listed and all(isinstance(s, dict) and s.get("sha256") for s in listed):
-        content = [str(s["sha256"]) for s in listed]
-    elif src.shards.local_dir is not None and not any("://" in u or u.startswith("pipe:") for u in src.shards.urls):
-        # local shards without checksums: name, size and modification time stand in for the content
-        content = []
-        for u in src.shards.urls:
-            st = Path(u).stat()
-            content.append(f"{Path(u).name}:{st.st_size}:{st.st_mtime_ns}")
-    else:
+    digest = content_sha256(src.shards)
+    if digest is None:
         return None
-    digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    manifest = src.shards.manifest or {}
     return {"dataset_sha256": digest, "stored_resolution": manifest.get("resolution"),
             "image_format": manifest.get("format"), "image_resolution": resolution}
 

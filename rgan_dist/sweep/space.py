@@ -5,46 +5,57 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rgan_dist.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rgan_dist.sweep.spec import SweepConfig
+    from rgan_dist.config import Config
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "lograndint")
 GROUP_LABEL = "label"  # inside a group's mapping: a display name, not a config key
 
 
-def _err(where: str, message: str) -> ConfigError:
+class Sweep(Protocol):
+    """What this module reads of a checked sweep file (`spec.SweepConfig`), named here so that the checker
+    (`spec`, which uses this module's `distribution` and friends) stays the only one of the two importing
+    the other."""
+
+    space: dict[str, Any]
+    num_samples: int
+    scheduler: Any  # spec.SchedulerConfig
+    base_config: Config
+
+
+def error_at(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}")
 
 
-def _distribution(spec: Any, where: str) -> tuple[str, Any]:
+def distribution(spec: Any, where: str) -> tuple[str, Any]:
     """(kind, values) of one space entry: a fixed value, or `{grid|choice: [...]}`, `{uniform|loguniform:
     [lo, hi]}`, `{randint|lograndint: [lo, hi]}` (hi exclusive)."""
     if not isinstance(spec, dict):
         return "fixed", spec
     if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise _err(where, f"expected one of {', '.join(DISTRIBUTIONS)} (e.g. {{grid: [a, b]}} or "
+        raise error_at(where, f"expected one of {', '.join(DISTRIBUTIONS)} (e.g. {{grid: [a, b]}} or "
                           f"{{loguniform: [1.0e-5, 1.0e-3]}}), got {spec!r}")
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
-        raise _err(where, f"{kind} needs a non-empty list, got {values!r}")
+        raise error_at(where, f"{kind} needs a non-empty list, got {values!r}")
     if kind in ("uniform", "loguniform", "randint", "lograndint"):
         if len(values) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            raise _err(where, f"{kind} needs [low, high] numbers, got {values!r}")
+            raise error_at(where, f"{kind} needs [low, high] numbers, got {values!r}")
         lo, hi = values
         if not lo < hi:
-            raise _err(where, f"{kind} needs low < high, got {values!r}")
+            raise error_at(where, f"{kind} needs low < high, got {values!r}")
         if kind.startswith("log") and lo <= 0:
-            raise _err(where, f"{kind} needs low > 0, got {values!r}")
+            raise error_at(where, f"{kind} needs low > 0, got {values!r}")
         if kind.endswith("randint") and not all(float(v).is_integer() for v in values):
-            raise _err(where, f"{kind} needs integers, got {values!r}")
+            raise error_at(where, f"{kind} needs integers, got {values!r}")
     return kind, values
 
 
-def _candidates(kind: str, values: Any) -> list[Any]:
+def candidates(kind: str, values: Any) -> list[Any]:
     """Values that stand for an entry when checking it: every listed value, or a range's two ends."""
     if kind == "fixed":
         return [values]
@@ -55,7 +66,7 @@ def _candidates(kind: str, values: Any) -> list[Any]:
     return list(values)
 
 
-def _as_overrides(key: str, value: Any) -> dict[str, Any]:
+def as_overrides(key: str, value: Any) -> dict[str, Any]:
     """One space entry's sampled value as config overrides (a group's mapping is several keys)."""
     if "." in key:
         return {key: value}
@@ -81,16 +92,16 @@ def _domain(kind: str, values: Any) -> Any:
     return tune.lograndint(int(values[0]), int(values[1]))
 
 
-def param_space(spec: SweepConfig) -> dict[str, Any]:
-    return {key: _domain(*_distribution(value, key)) for key, value in spec.space.items()}
+def param_space(spec: Sweep) -> dict[str, Any]:
+    return {key: _domain(*distribution(value, key)) for key, value in spec.space.items()}
 
 
-def planned_trials(spec: SweepConfig) -> list[dict[str, Any]]:
+def planned_trials(spec: Sweep) -> list[dict[str, Any]]:
     """The trials the grid makes (per `num_samples` repeat), in Tune's order (the first grid key varies
     fastest), each as a Tune config; a non-grid entry stays its distribution and is drawn per trial."""
-    grid_keys = [k for k, v in spec.space.items() if _distribution(v, k)[0] == "grid"]
+    grid_keys = [k for k, v in spec.space.items() if distribution(v, k)[0] == "grid"]
     fixed = {k: v for k, v in spec.space.items() if k not in grid_keys}
-    values = [_distribution(spec.space[k], k)[1] for k in grid_keys]
+    values = [distribution(spec.space[k], k)[1] for k in grid_keys]
     out = []
     for _ in range(spec.num_samples):
         for combo in itertools.product(*reversed(values)):
@@ -98,7 +109,7 @@ def planned_trials(spec: SweepConfig) -> list[dict[str, Any]]:
     return out
 
 
-def make_scheduler(spec: SweepConfig) -> Any:
+def make_scheduler(spec: Sweep) -> Any:
     """The Tune scheduler; its time axis is our `step` (generator steps), reported with every FID."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -107,7 +118,7 @@ def make_scheduler(spec: SweepConfig) -> Any:
         return ASHAScheduler(time_attr="step", max_t=s.max_t or cfg.train.steps,
                              grace_period=s.grace_period or cfg.eval.every, reduction_factor=s.reduction_factor)
     if s.name == "pbt":
-        mutations = {k: (v if isinstance(v, list) else _domain(*_distribution(v, k))) for k, v in s.mutations.items()}
+        mutations = {k: (v if isinstance(v, list) else _domain(*distribution(v, k))) for k, v in s.mutations.items()}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s.perturbation_interval or
                                        cfg.eval.every, hyperparam_mutations=mutations,
                                        quantile_fraction=s.quantile_fraction,
@@ -122,7 +133,7 @@ def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
         if "." in key:
             out[key] = value
         elif isinstance(value, dict):
-            out.update(_as_overrides(key, value))
+            out.update(as_overrides(key, value))
     return out
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from rgan_dist.config import Config, _f, config_from_dict, fill_section, load_config, parse_overrides
 from rgan_dist.errors import ConfigError, UsageError
-from rgan_dist.sweep.space import _as_overrides, _candidates, _distribution, _err
+from rgan_dist.sweep.space import as_overrides, candidates, distribution, error_at
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -123,7 +123,7 @@ def _at(where: str) -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        raise _err(where, str(e).removeprefix("config: ")) from None
+        raise error_at(where, str(e).removeprefix("config: ")) from None
 
 
 def _checked(cfg: Config, values: dict[str, Any], where: str) -> Config:
@@ -159,9 +159,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise _err(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise error_at(where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise _err(where, "top level must be a mapping")
+        raise error_at(where, "top level must be a mapping")
     settings, training = _split_overrides(overrides)
     spec = SweepConfig()
     with _at(where):
@@ -169,10 +169,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     with _at(f"{where}: command line"):
         fill_section(spec, settings, "config")
     if not spec.base or not spec.space:
-        raise _err(where, "needs `base:` (a training config) and `space:` (what varies)")
+        raise error_at(where, "needs `base:` (a training config) and `space:` (what varies)")
     spec.name = name or spec.name or p.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", spec.name):
-        raise _err(where, f"name {spec.name!r}: use letters, digits, '-', '_' or '.'")
+        raise error_at(where, f"name {spec.name!r}: use letters, digits, '-', '_' or '.'")
     spec.path = p
     spec.cluster = cluster
     spec.base = str(p.parent / spec.base)
@@ -223,20 +223,20 @@ def _check_against_training(spec: SweepConfig, cfg: Config, where: str) -> None:
     """What the sweep's settings need of the training config, and of each other."""
     res, sched = spec.resources, spec.scheduler
     if cfg.eval.every <= 0:
-        raise _err(f"{where}: eval.every", "trials report FID to Tune at every evaluation: set eval.every > 0 "
+        raise error_at(f"{where}: eval.every", "trials report FID to Tune at every evaluation: set eval.every > 0 "
                                            "(e.g. in overrides)")
     if res.workers > 1 and cfg.dist.strategy == "single":
-        raise _err(f"{where}: resources.workers={res.workers}", "needs dist.strategy ddp or deepspeed "
+        raise error_at(f"{where}: resources.workers={res.workers}", "needs dist.strategy ddp or deepspeed "
                                                                  "(set it in overrides)")
     if res.workers > 1 and sched.name == "pbt":
-        raise _err(f"{where}: scheduler.name=pbt", "PBT restarts trials from other trials' checkpoints, which "
+        raise error_at(f"{where}: scheduler.name=pbt", "PBT restarts trials from other trials' checkpoints, which "
                                                    "multi-worker trials do not support: use asha or fifo")
     _check_scheduler(sched, cfg, f"{where}: scheduler")
     if spec.paper:
         from rgan_dist.paper_reference import table_names
 
         if spec.paper not in table_names():
-            raise _err(f"{where}: paper", f"{spec.paper!r} unknown; choose one of {', '.join(table_names())}")
+            raise error_at(f"{where}: paper", f"{spec.paper!r} unknown; choose one of {', '.join(table_names())}")
 
 
 def _is_url(value: Any) -> bool:
@@ -260,7 +260,7 @@ def _absolute_path(value: Any) -> Any:
 def _cluster_path(key: str, value: Any, at: str) -> Any:
     """On a cluster a path is read on the trial's node: a relative data location names nothing there."""
     if key == "data.shards" and not _is_url(value) and not Path(value).expanduser().is_absolute():
-        raise _err(at, f"{value!r} is relative to this machine, but on a cluster every trial's node reads the "
+        raise error_at(at, f"{value!r} is relative to this machine, but on a cluster every trial's node reads the "
                        f"shards: name the folder every node mounts them under (data_root=/mnt/shared on the "
                        f"command line), or give data.shards=/mnt/shared/data/NAME or a URL (s3://BUCKET/NAME)")
     return value
@@ -313,15 +313,15 @@ def _check_space(space: dict[str, Any], cfg: Config, where: str) -> None:
     grids: list[list[dict[str, Any]]] = []
     for key, spec in space.items():
         at = f"{where}.{key}"
-        kind, values = _distribution(spec, at)
+        kind, values = distribution(spec, at)
         if "." not in key:
             if kind not in ("grid", "choice"):
-                raise _err(at, f"a group (a name without a dot) takes {{grid: [...]}} or {{choice: [...]}} of "
+                raise error_at(at, f"a group (a name without a dot) takes {{grid: [...]}} or {{choice: [...]}} of "
                                f"mappings of config keys, got {spec!r}")
             for item in values:
                 if not isinstance(item, dict) or not item:
-                    raise _err(at, f"each entry of a group is a mapping of config keys, got {item!r}")
-        options = [_as_overrides(key, v) for v in _candidates(kind, values)]
+                    raise error_at(at, f"each entry of a group is a mapping of config keys, got {item!r}")
+        options = [as_overrides(key, v) for v in candidates(kind, values)]
         for option in options:
             _checked(cfg, option, at)
         if kind in ("grid", "fixed"):
@@ -341,25 +341,26 @@ def _check_scheduler(s: SchedulerConfig, cfg: Config, where: str) -> None:
         grace = s.grace_period or every
         max_t = s.max_t or steps
         if grace % every:
-            raise _err(f"{where}.grace_period", f"{grace} is not a multiple of eval.every={every} (trials report "
+            raise error_at(f"{where}.grace_period", f"{grace} is not a multiple of eval.every={every} (trials report "
                                                 f"only when they evaluate)")
         if not grace < max_t:
-            raise _err(f"{where}.grace_period", f"{grace} must be below max_t={max_t} steps, or nothing is stopped")
+            raise error_at(f"{where}.grace_period", f"{grace} must be below max_t={max_t} steps, or nothing is stopped")
     if s.name == "pbt":
         interval = s.perturbation_interval or every
         if interval % every:
-            raise _err(f"{where}.perturbation_interval", f"{interval} is not a multiple of eval.every={every}")
+            raise error_at(f"{where}.perturbation_interval", f"{interval} is not a multiple of eval.every={every}")
         if not s.mutations:
-            raise _err(f"{where}.mutations", "PBT needs keys to mutate, e.g. {train.lr_d: {loguniform: [1e-5, 1e-3]}}")
+            raise error_at(f"{where}.mutations",
+                           "PBT needs keys to mutate, e.g. {train.lr_d: {loguniform: [1e-5, 1e-3]}}")
         for key, spec in s.mutations.items():
             at = f"{where}.mutations.{key}"
-            kind, values = _distribution({"choice": spec} if isinstance(spec, list) else spec, at)
+            kind, values = distribution({"choice": spec} if isinstance(spec, list) else spec, at)
             if kind in ("grid", "fixed"):
-                raise _err(at, "use a list of values or a distribution (uniform, loguniform, ...)")
-            for v in _candidates(kind, values):
+                raise error_at(at, "use a list of values or a distribution (uniform, loguniform, ...)")
+            for v in candidates(kind, values):
                 _checked(cfg, {key: v}, at)
             if key.split(".")[0] not in PBT_MUTABLE_SECTIONS or key in PBT_IMMUTABLE_KEYS:
-                raise _err(at, "PBT can change only loss.* and train.* keys that keep a checkpoint loadable "
+                raise error_at(at, "PBT can change only loss.* and train.* keys that keep a checkpoint loadable "
                                f"(not {', '.join(PBT_IMMUTABLE_KEYS)})")
     elif s.mutations:
-        raise _err(f"{where}.mutations", f"only used with name: pbt (got {s.name})")
+        raise error_at(f"{where}.mutations", f"only used with name: pbt (got {s.name})")

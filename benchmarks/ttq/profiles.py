@@ -1,0 +1,119 @@
+"""What the time-to-quality benchmark compares and at what size: the loss variants (the paper's two
+optimizer setups), the workloads, and the profiles (smoke, cpu, gpu) that size budgets, seeds and evaluation."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "time_to_quality.py"  # the entry point; each run re-enters it (`--_run`)
+CONFIG = REPO / "configs" / "benchmarks" / "time_to_quality.yaml"
+FORMAT = "rgan-time-to-quality/1"
+CLOCKS = ("process_cpu", "wall")
+SETUP_1 = ("train.lr_g=2e-4", "train.lr_d=2e-4", "train.betas=[0.5, 0.999]", "train.n_dis=1")
+SETUP_2_GP = ("train.lr_g=1e-4", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "loss.penalty=wgan-gp",
+              "loss.penalty_weight=10", "model.d_batch_norm=false")
+R3GAN_GAMMA = 0.1
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+
+
+VARIANTS: dict[str, Variant] = {v.key: v for v in (
+    Variant("sgan", "SGAN", ("loss.name=sgan", "loss.penalty=none", *SETUP_1)),
+    Variant("rsgan", "RSGAN", ("loss.name=rsgan", "loss.penalty=none", *SETUP_1)),
+    Variant("rasgan", "RaSGAN", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1)),
+    Variant("lsgan", "LSGAN", ("loss.name=lsgan", "loss.penalty=none", *SETUP_1)),
+    Variant("ralsgan", "RaLSGAN", ("loss.name=ralsgan", "loss.penalty=none", *SETUP_1)),
+    Variant("hinge", "HingeGAN", ("loss.name=hinge", "loss.penalty=none", *SETUP_1)),
+    Variant("rahinge", "RaHingeGAN", ("loss.name=rahinge", "loss.penalty=none", *SETUP_1)),
+    Variant("wgan-gp", "WGAN-GP", ("loss.name=wgan", *SETUP_2_GP, "train.n_dis=5")),
+    Variant("rsgan-gp", "RSGAN-GP", ("loss.name=rsgan", *SETUP_2_GP, "train.n_dis=1")),
+    Variant("rasgan-gp", "RaSGAN-GP", ("loss.name=rasgan", *SETUP_2_GP, "train.n_dis=1")),
+    Variant("rpgan-r1r2", "RpGAN+R1+R2", ("loss.name=rsgan", "loss.penalty=r1+r2",
+                                          f"loss.penalty_weight={R3GAN_GAMMA}", "model.d_batch_norm=false",
+                                          *SETUP_1)),
+)}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    metric: str             # the headline value of every point
+    secondary: str          # shown beside it at the final point
+    higher_is_better: bool
+    metric_label: str
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("stacked", "Stacked-Digits", "modes", "modes_kl", True, "modes covered (of 1000)"),
+    Workload("emoji", "Emoji", "fid", "kid", False, "FID"),
+)}
+METRIC_OVERRIDES = {"stacked": ("eval.metrics=[modes]",), "emoji": ("eval.metrics=[fid, kid]",)}
+
+
+@dataclass(frozen=True)
+class WorkloadProfile:
+    budget_s: float
+    fractions: tuple[float, ...]
+    variants: tuple[str, ...]
+    resolution: int
+    eval_samples: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Budgets, evaluation points, sample counts and model size; every value can be overridden by a flag."""
+
+    clock: str
+    device: str
+    threads: int            # torch threads per run (0: torch's default)
+    parallel: int
+    seeds: tuple[int, ...]
+    width: int
+    batch_size: int
+    stacked_count: int      # Stacked-Digits training images
+    eval_batch: int         # generator/Inception batch of an evaluation (values do not depend on it: G in eval mode)
+    workloads: dict[str, WorkloadProfile]
+
+
+ALL = tuple(VARIANTS)
+PROFILES: dict[str, Profile] = {
+    # The test's profile: a few seconds of training per run, small N; shows the machinery, not a result.
+    "smoke": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1), width=16,
+                     batch_size=32, stacked_count=2000, eval_batch=50, workloads={
+                         "stacked": WorkloadProfile(6.0, (0.5, 1.0), ("rsgan", "rasgan-gp"), 32, 2000),
+                         "emoji": WorkloadProfile(6.0, (1.0,), ("rsgan", "rasgan-gp"), 32, 64)}),
+    # The 2-core CPU box, ~60 min of wall time with --parallel 2 on a quiet machine. Measured there (1 thread,
+    # width 32, batch 64, 32x32, data decoded in the run): ~0.10 CPU s per G step for the n_D = 1 losses without
+    # penalty, ~0.47 for WGAN-GP (n_D = 5); a `modes` value of 26k samples ~12 s; FID of N generated samples
+    # ~N / 8 s (the TF-Inception network embeds ~8 img/s on one thread); ~8 s to start a run. So per stacked run
+    # 150 + 4 x 12 + 8 ~ 206 s, per emoji run 120 + 130 + 8 ~ 258 s: 18 x 206 + 12 x 258 ~ 6800 run-seconds,
+    # ~57 min on 2 cores, plus ~4 min once for shards and the FID reference statistics. FID only at the end.
+    "cpu": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
+                   batch_size=64, stacked_count=20_000, eval_batch=50, workloads={
+                       "stacked": WorkloadProfile(150.0, (0.25, 0.5, 0.75, 1.0),
+                                                  ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2"),
+                                                  32, 26_000),
+                       "emoji": WorkloadProfile(120.0, (1.0,), ("sgan", "rasgan", "wgan-gp", "rasgan-gp"), 32,
+                                                1000)}),
+    # One GPU: every variant, emoji at 64x64, FID of 10k samples at several points. 11 variants x 3 seeds x
+    # (300 s + 600 s) of training is ~8.3 h plus evaluation; select variants/seeds to fit what you have.
+    "gpu": Profile(clock="wall", device="cuda", threads=0, parallel=1, seeds=(0, 1, 2), width=64,
+                   batch_size=64, stacked_count=50_000, eval_batch=500, workloads={
+                       "stacked": WorkloadProfile(300.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 32, 26_000),
+                       "emoji": WorkloadProfile(600.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 64, 10_000)}),
+}
+
+
+def usage_error(message: str) -> SystemExit:
+    """One line on stderr and exit status 2: what a bad flag gets, never a traceback."""
+    print(f"time_to_quality: error: {message}", file=sys.stderr)
+    return SystemExit(2)
