@@ -505,8 +505,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if problem == UNVERIFIED:
         if path.resolve() not in _told_unverified:
             _told_unverified.add(path.resolve())
-            print(f"rgan: {path} has no {DIGEST} digest (written before rgan-dist wrote them): loading it "
-                  f"unverified", file=sys.stderr, flush=True)
+            print(f"rgan: {path} has no {DIGEST} digest (written before rgan-dist wrote them, or its job was "
+                  f"killed between the two): loading it unverified", file=sys.stderr, flush=True)
     elif problem is not None:
         raise CorruptCheckpoint(path, problem)
     try:
