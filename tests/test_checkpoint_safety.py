@@ -212,8 +212,8 @@ def test_enospc_in_the_middle_of_a_save_is_one_line_and_leaves_no_temp_file(tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(Exception, match=r"^no space left on .* while saving ckpt-00000002 \(needs ~2 MB, \d+ MB free\); "
-                                        r"previous checkpoint ckpt-00000001 is intact$"):
+    with pytest.raises(Exception, match=r"^no space left on .* while saving ckpt-00000002 \(needs ~2 MB, \d+ MB "
+                                        r"free\); previous checkpoint ckpt-00000001 is intact$"):
         m.save(2, _state(2))
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256", "latest"]
