@@ -270,15 +270,18 @@ class CheckpointManager:
         path = self.dir / f"ckpt-{step:08d}.pt"
         with signals_deferred():
             self.make_room(step, state, best=best)
+            written = False
             try:
                 atomic_write(path, lambda f: torch.save(state, f), before_commit)
+                written = True
                 write_digest(path)
                 atomic_write(self.dir / "latest", lambda f: f.write(path.name.encode()))
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                if path.is_file() and not digest_path(path).is_file():  # complete but unverifiable: not kept
+                if written and digest_problem(path) is not None:  # written, but its digest was not
                     path.unlink()
+                    digest_path(path).unlink(missing_ok=True)
                 raise self._disk_full(path, self._need(step, state, best=best)) from None
             if best:
                 self._write_best(state)
@@ -318,8 +321,9 @@ class CheckpointManager:
         else raise `DiskFull` with nothing removed. DeepSpeed runs call it before the ranks write the .ds."""
         self.dir.mkdir(parents=True, exist_ok=True)
         need = self._need(step, state, best=best)
-        free = shutil.disk_usage(self.dir).free
-        if free >= need:
+        usage = shutil.disk_usage(self.dir)
+        free = usage.free
+        if free >= need or usage.total == 0:  # total 0: a file system that does not say (some FUSE mounts)
             return
         files = [p for p in self.rolling() if p.name != f"ckpt-{step:08d}.pt"]
         doomed = files[: max(0, min(len(files) - self.keep + 1, len(files) - 1))]
@@ -502,15 +506,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r}: no such file")
     problem = digest_problem(path) if verify else None
-    if problem == UNVERIFIED:
-        if path.resolve() not in _told_unverified:
-            _told_unverified.add(path.resolve())
-            print(f"rgan: {path} has no {DIGEST} digest (written before rgan-dist wrote them, or its job was "
-                  f"killed between the two): loading it unverified", file=sys.stderr, flush=True)
-    elif problem is not None:
+    if problem not in (None, UNVERIFIED):
         raise CorruptCheckpoint(path, problem)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated, zeroed or foreign file: say which, never a traceback
         raise CorruptCheckpoint(path, f"not a loadable rgan-dist checkpoint ({e.__class__.__name__}: truncated, "
                                       "damaged or another kind of file)") from None
+    if problem == UNVERIFIED and path.resolve() not in _told_unverified:
+        _told_unverified.add(path.resolve())
+        print(f"rgan: {path} has no {DIGEST} digest (written before rgan-dist wrote them, or its job was "
+              f"killed between the two): loaded it unverified", file=sys.stderr, flush=True)
+    return state
