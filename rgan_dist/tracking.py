@@ -335,6 +335,7 @@ class MlflowTracker(JsonlTracker):
         self.experiment = cfg.tracking.experiment
         self.log_checkpoints = cfg.tracking.log_checkpoints
         self.run_id: str | None = None
+        self.logged_through: dict[str, int] = {}  # a continued run: each metric's last step in MLflow (`_start`)
         self._run_start = time.time()  # replaced by the MLflow run's start time once the run exists
         self._monitor: Any = None
         self.failed = False
@@ -379,7 +380,10 @@ class MlflowTracker(JsonlTracker):
         values = {mlflow_name(k): float(v) for k, v in metrics.items()}
         if any(k in EVAL_METRICS for k in metrics):
             values[ELAPSED] = max(0.0, now - self._run_start)
-        batch = [Metric(k, v, ms, int(step)) for k, v in values.items()]
+        # A step re-run after a restart that MLflow already holds is not sent twice (`_start`).
+        batch = [Metric(k, v, ms, int(step)) for k, v in values.items() if step > self.logged_through.get(k, -1)]
+        if not batch:
+            return
         self._enqueue(lambda: self._client.log_batch(self.run_id, metrics=batch, synchronous=True))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -387,6 +391,8 @@ class MlflowTracker(JsonlTracker):
         self._enqueue(lambda: self._client.log_artifact(self.run_id, local, artifact_path))
 
     def log_image(self, path: str | Path, key: str, step: int) -> None:
+        if step <= max(self.logged_through.values(), default=-1):  # sent by the attempt before a restart
+            return
         local, ms = Path(path), int(time.time() * 1000)
 
         def send() -> None:
@@ -465,6 +471,10 @@ class MlflowTracker(JsonlTracker):
             self.run_id = previous
             self._client.update_run(previous, status="RUNNING")
             tags = {**tags, "rgan.resumed": "true"}
+            # The attempt that died may have logged steps past the checkpoint this one resumes from; they are
+            # logged again (metrics.jsonl moved its copies aside): MLflow keeps one point per step.
+            latest = self._client.get_run(previous).data.to_proto().metrics  # each metric's highest step
+            self.logged_through = {m.key: m.step for m in latest if not m.key.startswith("system/")}
         else:
             run = self._client.create_run(exp_id, run_name=self.cfg.run.name, tags=tags)
             self.run_id = run.info.run_id

@@ -97,7 +97,8 @@ def test_sidecar_folders_are_pruned_with_their_checkpoint(tmp_path):
     m.sidecar(5).mkdir()
     m.save(5, {"step": 5})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt-00000003.ds", "ckpt-00000003.pt", "ckpt-00000005.ds", "ckpt-00000005.pt", "latest"]
+        "ckpt-00000003.ds", "ckpt-00000003.pt", "ckpt-00000003.pt.sha256", "ckpt-00000005.ds", "ckpt-00000005.pt",
+        "ckpt-00000005.pt.sha256", "latest"]
     assert m.sidecar_of(m.latest()) == m.sidecar(5)
 
 

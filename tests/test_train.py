@@ -237,10 +237,11 @@ def test_overwrite_keeps_checkpoints_outside_the_run_folder_on_their_storage(tmp
     CheckpointManager(ckpts).save(7, {"step": 7})
     (out / "metrics.jsonl").write_text("{}\n")
     found = previous_run(out, ckpts)
-    assert sorted(p.name for p in found) == ["ckpt-00000007.pt", "config.yaml", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in found) == ["ckpt-00000007.pt", "ckpt-00000007.pt.sha256", "config.yaml", "latest",
+                                             "metrics.jsonl"]
     moved = set_aside(found, out, ckpts, keep=("config.yaml",))
     assert [m.parent for m in moved] == [out / "previous", ckpts / "previous"] and moved[0].name == moved[1].name
-    assert sorted(p.name for p in moved[1].iterdir()) == ["ckpt-00000007.pt", "latest"]
+    assert sorted(p.name for p in moved[1].iterdir()) == ["ckpt-00000007.pt", "ckpt-00000007.pt.sha256", "latest"]
     assert [p.name for p in moved[0].iterdir()] == ["metrics.jsonl"] and (out / "config.yaml").is_file()
     assert previous_run(out, ckpts) == []
 

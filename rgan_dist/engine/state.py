@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from rgan_dist.checkpoint import PREVIOUS, TRACKER_FILES, CheckpointManager, load_checkpoint, previous_run, set_aside
+from rgan_dist.checkpoint import (
+    PREVIOUS,
+    TRACKER_FILES,
+    CheckpointManager,
+    DiskFull,
+    discard_metrics_after,
+    load_checkpoint,
+    previous_run,
+    set_aside,
+)
 from rgan_dist.config import Config, dump_config
 from rgan_dist.errors import UsageError
 
@@ -108,19 +117,34 @@ def save_checkpoint(trainer: Trainer) -> Path | None:
     sidecar = trainer.ckpt.sidecar(trainer.step)
     if s.is_main and sidecar.exists():  # left by a job killed while saving this very step
         shutil.rmtree(sidecar)
-    s.barrier()
+    _on_main(s, lambda: trainer.ckpt.make_room(trainer.step, state))  # before any rank writes (also a barrier)
     if s.save_sharded(sidecar):
         state["sharded"] = sidecar.name
     s.barrier()  # every rank's part is on disk before the file that makes the checkpoint count
-    path = None
-    if s.is_main:
+
+    def write() -> Path:
         if any(r["fingerprint"] != ranks[0]["fingerprint"] for r in ranks):
             raise RuntimeError(f"ranks diverged at step {trainer.step}: parameter/buffer hashes differ "
                                f"({[r['fingerprint'] for r in ranks]}); not writing a checkpoint")
         state["ranks"] = ranks
-        path = trainer.ckpt.save(trainer.step, state, before_commit=lambda: s.fault_point("save", trainer.step))
-    s.barrier()
-    return path
+        return trainer.ckpt.save(trainer.step, state, before_commit=lambda: s.fault_point("save", trainer.step))
+
+    return _on_main(s, write)
+
+
+def _on_main(s: Any, fn: Any) -> Any:
+    """`fn()` on rank 0, then a sync point: a full disk there (`DiskFull`) is raised on every rank, so no
+    rank is left waiting in a barrier. Returns rank 0's result there, None on the other ranks."""
+    result, error = None, None
+    if s.is_main:
+        try:
+            result = fn()
+        except DiskFull as e:
+            error = str(e)
+    error = s.broadcast_object(error)
+    if error is not None:
+        raise DiskFull(error)
+    return result
 
 def claim_run_folder(trainer: Trainer, tracker_given: bool) -> None:
     """A run folder belongs to one run: a fresh run (checkpoint.resume '') never writes beside another
@@ -149,26 +173,35 @@ def claim_run_folder(trainer: Trainer, tracker_given: bool) -> None:
               flush=True)
     trainer.strategy.barrier()
 
-def resolve_resume(trainer: Trainer) -> Path | None:
-    """The checkpoint to resume, the same on every rank (or one clear error on every rank)."""
-    try:
-        found: Path | str | None = trainer.ckpt.resolve(trainer.cfg.checkpoint.resume)
-    except UsageError as e:
-        found = f"error: {e}"
-    seen = trainer.strategy.all_gather_object(str(found) if found is not None else None)
-    for item in seen:
-        if item is not None and item.startswith("error: "):
-            raise UsageError(item[len("error: "):])
-    if len(set(seen)) > 1:
-        raise UsageError(f"checkpoint.resume={trainer.cfg.checkpoint.resume!r}: ranks found different checkpoints "
-                         f"({sorted(set(map(str, seen)))}); checkpoint.dir must be storage every node shares")
-    return Path(seen[0]) if seen[0] is not None else None
+def resolve_resume(trainer: Trainer) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume and its state, the same on every rank (or one clear error on every rank).
+    Rank 0 verifies it against its digest and sets damaged ones aside (`CheckpointManager.open_resume`); the
+    other ranks load the file it chose and check that they see one where it does (shared storage)."""
+    s, resume_from = trainer.strategy, trainer.cfg.checkpoint.resume
+    opened, found = None, None
+    if s.is_main:
+        try:
+            opened = trainer.ckpt.open_resume(resume_from)
+            found = str(opened[0]) if opened is not None else None
+        except UsageError as e:
+            found = f"error: {e}"
+    found = s.broadcast_object(found)
+    if found is not None and found.startswith("error: "):
+        raise UsageError(found[len("error: "):])
+    sees = Path(found).is_file() if found is not None else not (resume_from == "auto" and trainer.ckpt.latest())
+    if not all(s.all_gather_object(sees)):
+        raise UsageError(f"checkpoint.resume={resume_from!r}: ranks found different checkpoints (rank 0: {found}); "
+                         f"checkpoint.dir must be storage every node shares")
+    if found is None:
+        return None
+    return opened if opened is not None else (Path(found), load_checkpoint(found, verify=False))
+
 
 def resume(trainer: Trainer) -> dict[str, Any] | None:
-    path = resolve_resume(trainer)
-    if path is None:
+    opened = resolve_resume(trainer)
+    if opened is None:
         return None
-    state = load_checkpoint(path)
+    path, state = opened
     if state.get("format") != "rgan-dist/1":
         raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
     sharded = path.parent / state["sharded"] if state.get("sharded") else None
@@ -194,4 +227,5 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
         set_rng_state(trainer, mine["rng"])
     if trainer.strategy.is_main:
         print(f"rgan: resumed from {path} at step {trainer.step}", flush=True)
+        discard_metrics_after(trainer.cfg.out_dir, trainer.step)  # each step once in metrics.jsonl
     return mine["data"]

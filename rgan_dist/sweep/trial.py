@@ -139,8 +139,10 @@ def _node_id() -> str:
 
 @contextlib.contextmanager
 def _staged(path: Path) -> Iterator[Path]:
-    """A folder holding just this checkpoint (its .pt, a DeepSpeed sidecar if any, and a `latest`
+    """A folder holding just this checkpoint (its .pt, its digest, a DeepSpeed sidecar if any, and a `latest`
     pointer), hard-linked where possible: what Ray copies to its storage as the trial's checkpoint."""
+    from rgan_dist.checkpoint import digest_path
+
     folder = path.parent / f".ray-{path.stem}-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -153,6 +155,8 @@ def _staged(path: Path) -> Iterator[Path]:
 
     try:
         link(str(path), str(folder / path.name))
+        if digest_path(path).is_file():  # so the restored trial's load is verified, like any resume
+            link(str(digest_path(path)), str(folder / digest_path(path).name))
         sidecar = path.with_suffix(".ds")
         if sidecar.is_dir():
             shutil.copytree(sidecar, folder / sidecar.name, copy_function=link)
