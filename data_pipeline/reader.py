@@ -23,7 +23,8 @@ replaying images. Here the split is computed, not streamed:
 * Batches are decoded straight into channels_last tensors (NHWC storage viewed as [B, 3, R, R]).
 
 webdataset provides the URL opening (`gopen`: pipe:, curl for http) and the sample grouping rule
-(`base_plus_ext`); tar members are read by `tarstream` (8x faster than tarfile, see there).
+(`base_plus_ext`); tar members are read by `tarstream` (8x faster than tarfile, see there). One shard
+is read, and checked against the manifest (counts, sha256 per `verify`), by `verify`.
 """
 
 from __future__ import annotations

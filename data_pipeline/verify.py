@@ -16,9 +16,13 @@ Which reads check what:
 * sha256 (`verify`): `off`; `first` (default): the first time this reader (one per process: rank or
   DataLoader worker) reads the shard through; `always`: every time. Only bytes are hashed: a sample
   that does not decode is skipped by the reader and changes nothing here.
-* A shard that cannot be read to its end (cut short mid-file, unreachable) gives no verdict: it is a
-  read failure, which the reader warns about and counts (its lost samples are skipped samples).
-A mismatch is a `DataError`: one line naming the shard, expected vs got.
+* A shard that cannot be read to its end (cut short, unreachable) gives no verdict: it is a read
+  failure, which `guarded` turns into a warning and a count (the samples the read owed its range are
+  skipped samples, like undecodable ones), and the reader goes on.
+So every shard a run reads is hashed at least once, by the end of the epoch that read it (the training
+reader reads the rest of each stream's range, undecoded, when an epoch's batches are done).
+A mismatch is a `DataError`: one line naming the shard, expected vs read; a DataLoader worker hands it
+to the main process as an item, so that it is not wrapped in the worker's traceback.
 """
 
 from __future__ import annotations
