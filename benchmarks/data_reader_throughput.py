@@ -40,6 +40,8 @@ from data_common import Timer, interleaved, machine, write_photo_folder
 from PIL import Image
 
 from data_pipeline import make_batch_iterator, write_shards
+from data_pipeline.shardset import resolve
+from data_pipeline.verify import iter_shard_samples, shard_checks
 
 _BYTES: list[bytes] = []
 
@@ -134,6 +136,16 @@ def _spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
 
 
+def read_pass_cpu_us(shards: Path, verify: str) -> float:
+    """CPU us per sample of reading every shard through, checked as `verify` says, decoding nothing: the
+    part of the reader that verification changes, isolated from decoding and from the busy host's wall clock."""
+    s = resolve(str(shards))
+    n, c0 = 0, time.process_time()
+    for url, check in zip(s.urls, shard_checks(s.counts, s.digests, len(s.urls), verify), strict=True):
+        n += sum(1 for _ in iter_shard_samples(url, check=check))
+    return (time.process_time() - c0) / n * 1e6
+
+
 def verify_cost(args: argparse.Namespace) -> None:
     """Reader throughput with data.verify off / first / always, in rotation (see the module docstring)."""
     modes = ("off", "first", "always")
@@ -146,6 +158,12 @@ def verify_cost(args: argparse.Namespace) -> None:
             hashlib.sha256(blob).hexdigest()
             sha_mb_s = len(blob) / (time.process_time() - c0) / 1e6
             kib = sum(len(b) for b in _BYTES) / len(_BYTES) / 1024
+            passes = interleaved(args.repeats, off=lambda s=shards: read_pass_cpu_us(s, "off"),
+                                 always=lambda s=shards: read_pass_cpu_us(s, "always"))
+            hash_us = min(passes["always"]) - min(passes["off"])  # CPU minima: the least disturbed runs
+            decode_us = min(c / k * 1e6 for k, c in (_decode_range((0, len(_BYTES))) for _ in range(args.repeats)))
+            print(json.dumps(dict(resolution=res, read_pass_cpu_us=passes, hash_us_per_img=round(hash_us, 1),
+                                  decode_us_per_img=round(decode_us, 1)), default=lambda x: round(x, 1)))
             for w in (1, 2):
                 runs = interleaved(args.repeats, **{
                     m: (lambda m=m, s=shards, w=w: reader(s, w, args.batch, verify=m, epochs=args.epochs))
@@ -154,11 +172,21 @@ def verify_cost(args: argparse.Namespace) -> None:
                 ratio = {m: {k: [r[k] / o[k] for r, o in zip(runs[m], runs["off"], strict=True)] for k in (0, 1)}
                          for m in modes[1:]}
                 row = dict(resolution=res, images=n, avg_kib=round(kib, 1), workers=w, epochs=args.epochs,
-                           sha256_mb_cpu_s=round(sha_mb_s), runs=runs, ratio=ratio)
+                           sha256_mb_cpu_s=round(sha_mb_s), read_pass_cpu_us=passes, hash_us_per_img=hash_us,
+                           decode_us_per_img=decode_us, runs=runs, ratio=ratio)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "runs"}, default=lambda x: round(x, 3)))
     print(f"\nMachine: {machine()}; batch {args.batch}; {args.epochs} epoch(s) per run; {args.repeats} rotations.")
     print("img/s: median (range) per mode. Ratios to verify=off within each rotation: median (range).\n")
+    print("Read pass: CPU us/image reading the shards through without decoding, verify off vs always (min of runs);")
+    print("hash share = their difference / PIL decode CPU us/image.\n")
+    print("| res | sha256 MB/CPU-s | read pass off us/img | read pass always us/img | decode us/img | hash share |")
+    print("|---|---|---|---|---|---|")
+    for r in rows[::2]:
+        print(f"| {r['resolution']} ({r['avg_kib']:.0f} KiB) | {r['sha256_mb_cpu_s']} "
+              f"| {min(r['read_pass_cpu_us']['off']):.1f} | {min(r['read_pass_cpu_us']['always']):.1f} "
+              f"| {r['decode_us_per_img']:.0f} | {r['hash_us_per_img'] / r['decode_us_per_img']:.1%} |")
+    print()
     print("| res | W | sha256 MB/CPU-s | off img/s | first img/s | always img/s | first/off wall | always/off wall "
           "| first/off CPU | always/off CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tarfile
 import urllib.error
 import urllib.parse
@@ -254,13 +255,26 @@ def explain_open_error(url: str, exc: BaseException) -> tuple[str, bool]:
         return ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
                 "environment of every process", False)
     if isinstance(exc, FileNotFoundError):
-        return "not found (404)", True
+        return "not found" + (" (404)" if scheme != "file" else ""), True
     if isinstance(exc, PermissionError):
-        return "access denied (403): check the credentials and the bucket policy", True
+        return ("access denied (403): check the credentials and the bucket policy" if scheme != "file"
+                else "permission denied"), True
     if isinstance(exc, TimeoutError):
         return "timed out", False
+    if isinstance(exc, socket.gaierror):
+        return f"host not found ({exc.strerror})", False
+    status = re.search(r"exit (\d+) \(read\)", str(exc))  # webdataset's Pipe: ((args,), {...}): exit N (read)
+    if status:
+        code = int(status.group(1))
+        if scheme == "pipe":
+            return f"the command exited with status {code}", False
+        return f"curl exited with status {code}{_CURL_EXITS.get(code, '')}", False
     text = " ".join(str(exc).split()) or "no detail"
     return f"{name}: {text[:300]}", False
+
+
+_CURL_EXITS = {6: " (host not found)", 7: " (could not connect)", 22: " (HTTP error)", 28: " (timed out)",
+               35: " (TLS handshake failed)", 56: " (connection reset)"}
 
 
 def _scan_counts(paths: list[str]) -> tuple[int, ...]:
