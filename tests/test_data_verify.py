@@ -136,6 +136,17 @@ def test_remote_shards_are_verified(tmp_path):
     assert one_line(exc).startswith(f"shard {base}/part-000000.tar does not match its manifest: sha256")
 
 
+def test_pipe_shards_listed_in_a_manifest_are_verified(tmp_path):
+    spec = with_digests(make_shards(tmp_path / "s", [12, 12]), s1={"sha256": "0" * 64})
+    m = json.loads((spec / "manifest.json").read_text())
+    for s in m["shards"]:
+        s["url"] = f"pipe:cat {spec / s['url']}"
+    (tmp_path / "pipes.json").write_text(json.dumps(m))
+    with pytest.raises(DataError) as exc:
+        one_epoch(tmp_path / "pipes.json")
+    assert one_line(exc).startswith(f"shard pipe:cat {spec / 'part-000001.tar'} does not match its manifest: sha256")
+
+
 def test_truncated_shard_counts_the_samples_it_lost(tmp_path):
     spec = with_digests(make_shards(tmp_path / "s", [12, 12]))
     tar = spec / "part-000001.tar"
