@@ -23,7 +23,8 @@ replaying images. Here the split is computed, not streamed:
 * Batches are decoded straight into channels_last tensors (NHWC storage viewed as [B, 3, R, R]).
 
 webdataset provides the URL opening (`gopen`: pipe:, curl for http) and the sample grouping rule
-(`base_plus_ext`); tar members are read by `tarstream` (8x faster than tarfile, see there).
+(`base_plus_ext`); tar members are read by `tarstream` (8x faster than tarfile, see there). One shard
+is read, and checked against the manifest (counts, sha256 per `verify`), by `verify`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,78 +42,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.images import SAMPLE_IMAGE_EXTS, BadImage, decode_square
-from data_pipeline.shardset import ShardSet, open_url, resolve
-from data_pipeline.tarstream import tar_members
+from data_pipeline.images import BadImage, decode_square
+from data_pipeline.shardset import ShardSet, resolve
+from data_pipeline.verify import ReadStats, ShardCheck, guarded, iter_shard_samples, shard_checks
+
+__all__ = ["BatchIterator", "iter_images", "iter_sample_range", "iter_shard_samples", "make_batch_iterator"]
 
 log = logging.getLogger("data_pipeline")
-_MAX_WARNINGS = 5  # per worker; the count keeps going, the log does not flood
 _MAX_BAD_RUN = 10_000  # consecutive undecodable samples before giving up on a data set
-_META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (e.g. __index__): not samples
-
-
-# ---- reading raw samples from one shard ----
-
-
-def iter_shard_samples(url: str, lo: int = 0, hi: int | None = None) -> Iterator[tuple[str, bytes | None]]:
-    """(key, image bytes or None) for samples lo <= i < hi of one shard, reading no further than hi.
-
-    Samples before `lo` are read past but not decoded. Members are grouped into samples the way
-    webdataset does it (same path up to the first dot of the file name).
-    """
-    from webdataset.tariterators import base_plus_ext
-
-    if hi is not None and hi <= lo:
-        return
-    index = -1
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    with open_url(url) as stream:
-        for fname, data in tar_members(stream):
-            k, ext = base_plus_ext(fname)
-            if k is None or _META_RE.match(fname):
-                continue
-            if k != key:
-                if key is not None and index >= lo:
-                    yield key, _pick_image(files)
-                index += 1
-                if hi is not None and index >= hi:
-                    return
-                key, files = k, {}
-            if index >= lo:
-                files[ext.lower()] = data
-        if key is not None and index >= lo:
-            yield key, _pick_image(files)
-
-
-def _pick_image(files: dict[str, bytes]) -> bytes | None:
-    for ext in SAMPLE_IMAGE_EXTS:
-        if ext in files:
-            return files[ext]
-    return None
-
-
-@dataclass
-class _Stats:
-    skipped: int = 0
-    shard_errors: int = 0
-    warned: int = 0
-
-    def warn(self, msg: str) -> None:
-        if self.warned < _MAX_WARNINGS:
-            log.warning(msg)
-        elif self.warned == _MAX_WARNINGS:
-            log.warning("further data warnings from this worker are counted but not logged")
-        self.warned += 1
-
-
-def _guarded(url: str, lo: int, hi: int | None, stats: _Stats) -> Iterator[tuple[str, bytes | None]]:
-    """Samples of one shard; a shard that cannot be opened or is cut short is counted, not fatal."""
-    try:
-        yield from iter_shard_samples(url, lo, hi)
-    except Exception as exc:  # network error, truncated tar, missing file...
-        stats.shard_errors += 1
-        stats.warn(f"shard {url} failed ({type(exc).__name__}: {exc}); continuing with the next one")
 
 
 def _shuffled(it: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -149,6 +85,7 @@ class _Plan:
     batches_per_epoch: int
     resolution: int
     shuffle_buffer: int
+    checks: tuple[ShardCheck, ...] = ()  # per shard: what the manifest says, and data.verify
 
     def batches_of(self, epoch: int, k: int, before: int | None = None) -> int:
         """Batches of epoch `epoch` (those with index < `before` if given) served by stream k."""
@@ -183,38 +120,47 @@ class _Plan:
             i += 1
         return out
 
-    def raw_stream(self, epoch: int, k: int, stats: _Stats) -> Iterator[tuple[str, bytes | None]]:
+    def _check(self, si: int) -> ShardCheck | None:
+        return self.checks[si] if self.checks else None
+
+    def own(self, epoch: int, k: int, stats: ReadStats) -> Iterator[tuple[str, bytes | None]]:
+        """Stream (rank, k)'s own range of `epoch`, unshuffled."""
+        for si, lo, hi in self.segments(epoch, self.rank, k):
+            yield from guarded(self.urls[si], lo, hi, stats, self._check(si))
+
+    def raw_stream(
+        self, epoch: int, k: int, stats: ReadStats, own: Iterator[tuple[str, bytes | None]]
+    ) -> Iterator[tuple[str, bytes | None]]:
         """Stream (rank, k)'s raw samples for `epoch`: its own range shuffled, then resampled shards."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, k, 1])
-
-        def own() -> Iterator[tuple[str, bytes | None]]:
-            for si, lo, hi in self.segments(epoch, self.rank, k):
-                yield from _guarded(self.urls[si], lo, hi, stats)
 
         def resampled() -> Iterator[tuple[str, bytes | None]]:
             pick = np.random.default_rng([self.seed, epoch, self.rank, k, 2])
             empty = 0
             while True:
                 got = 0
-                for sample in _guarded(self.urls[int(pick.integers(len(self.urls)))], 0, None, stats):
+                si = int(pick.integers(len(self.urls)))
+                for sample in guarded(self.urls[si], 0, None, stats, self._check(si)):
                     got += 1
                     yield sample
                 empty = 0 if got else empty + 1
                 if empty > 3 * len(self.urls) + 10:
-                    raise RuntimeError(f"no readable sample in any of the {len(self.urls)} shards ({self.urls[0]} ...)")
+                    raise DataError(f"no readable sample in any of the {len(self.urls)} shards; last failure: "
+                                    f"{stats.last_error or 'none, they hold no samples'}")
 
-        yield from _shuffled(own(), self.shuffle_buffer, rng)
+        yield from _shuffled(own, self.shuffle_buffer, rng)
         yield from _shuffled(resampled(), self.shuffle_buffer, rng)
 
     def epoch_batches(
-        self, epoch: int, k: int, first: int, stats: _Stats, buffer: Callable[[int], torch.Tensor]
+        self, epoch: int, k: int, first: int, stats: ReadStats, buffer: Callable[[int], torch.Tensor]
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Stream k's batches of `epoch` from its local batch `first` on (resume), as (t, NHWC tensor).
 
         `buffer(t)` gives the uint8 [B, R, R, 3] tensor to decode global batch t into.
         """
         b = self.batch_size
-        it = self.raw_stream(epoch, k, stats)
+        own = self.own(epoch, k, stats)
+        it = self.raw_stream(epoch, k, stats, own)
         for _ in range(first * b):  # resume: skip consumed samples without decoding them
             next(it)
         fill = np.random.default_rng([self.seed, epoch, self.rank, k, 3])
@@ -240,8 +186,10 @@ class _Plan:
                 if i not in good:
                     view[i] = view[good[int(fill.integers(len(good)))]]
             yield t, out
+        for _ in own:  # the rest of the range, read undecoded: its shards' ends are verified this epoch too
+            pass
 
-    def _decode_into(self, view: np.ndarray, i: int, key: str, data: bytes | None, stats: _Stats) -> bool:
+    def _decode_into(self, view: np.ndarray, i: int, key: str, data: bytes | None, stats: ReadStats) -> bool:
         try:
             if data is None:
                 raise BadImage("sample has no image member")
@@ -281,7 +229,7 @@ class _StreamDataset(IterableDataset):
         k = (self.start + slot) % p.streams  # worker slot 0 gets batch `start`, slot 1 the next...
         epoch, batch0 = divmod(self.start, p.batches_per_epoch)
         first = p.batches_of(epoch, k, before=batch0)
-        stats = _Stats()
+        stats = ReadStats()
         shape = (p.batch_size, p.resolution, p.resolution, 3)
         shared = info is not None
         bufs = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(self.ring)] if shared else []
@@ -293,15 +241,18 @@ class _StreamDataset(IterableDataset):
             seq[(t // p.streams) % self.ring] = -1  # this worker's batches have consecutive t // K
             return bufs[(t // p.streams) % self.ring]
 
-        while True:
-            for t, nhwc in p.epoch_batches(epoch, k, first, stats, buffer):
-                r = (t // p.streams) % self.ring
-                if seq is not None:
-                    seq[r] = t
-                # NHWC storage viewed as [B, 3, R, R] (channels_last): no per-image transpose here.
-                cpu = time.process_time()
-                yield nhwc.permute(0, 3, 1, 2), seq, r, t, stats.skipped, stats.shard_errors, cpu
-            epoch, first = epoch + 1, 0
+        try:
+            while True:
+                for t, nhwc in p.epoch_batches(epoch, k, first, stats, buffer):
+                    r = (t // p.streams) % self.ring
+                    if seq is not None:
+                        seq[r] = t
+                    # NHWC storage viewed as [B, 3, R, R] (channels_last): no per-image transpose here.
+                    cpu = time.process_time()
+                    yield nhwc.permute(0, 3, 1, 2), seq, r, t, stats.skipped, stats.shard_errors, cpu
+                epoch, first = epoch + 1, 0
+        except DataError as exc:  # handed over as an item: the DataLoader would wrap it in a traceback
+            yield exc
 
 
 def _worker_init(_: int) -> None:
@@ -393,7 +344,11 @@ class BatchIterator:
                 worker_init_fn=_worker_init if self._workers else None,
             )
             self._it = iter(loader)
-        batch, seq, r, t, skipped, shard_errors, cpu = next(self._it)
+        item = next(self._it)
+        if isinstance(item, DataError):
+            self.close()
+            raise DataError(str(item))
+        batch, seq, r, t, skipped, shard_errors, cpu = item
         if t != self._t:  # the stream/worker mapping of the module docstring no longer holds
             raise RuntimeError(f"data reader: expected batch {self._t}, a worker delivered batch {t}")
         worker = (t - self._start) % self._plan.streams
@@ -456,6 +411,7 @@ def make_batch_iterator(
     start_skipped: int = 0,
     shuffle_buffer: int = 256,
     prefetch: int = 2,
+    verify: str = "first",
 ) -> BatchIterator:
     """The training reader (see the module docstring for the split, resume and skip rules).
 
@@ -463,6 +419,7 @@ def make_batch_iterator(
     `resolution`: output side; None = the manifest's (shards at another size are centre-cropped
     and resized on the fly). `samples_per_epoch` defaults to the manifest's num_samples (required
     for remote shards without a manifest). rank/world_size are looked up only when not given.
+    `verify`: when shards' sha256 are checked against the manifest (off|first|always, see `verify`).
     """
     for name, value, low in (
         ("batch_size", batch_size, 1),
@@ -479,11 +436,12 @@ def make_batch_iterator(
     rank, world_size = rank_and_world(rank, world_size)
     shards = resolve(spec, resolution=resolution)
     counts = shards.counts
+    checks = shard_checks(counts, shards.digests, len(shards.urls), verify)
     if samples_per_epoch is None:
         if counts is None:
-            raise DataError(
-                f"cannot size an epoch of {spec!r}: no manifest.json beside the shards; pass samples_per_epoch"
-            )
+            why = shards.why_no_counts or "no manifest"
+            raise DataError(f"cannot size an epoch of {spec!r}: its sample counts are unknown ({why}); "
+                            f"put the manifest.json that `rgan shards` wrote beside the shards")
         samples_per_epoch = sum(counts)
     if samples_per_epoch < 1:
         raise DataError(f"data set {spec!r} holds no samples")
@@ -510,6 +468,7 @@ def make_batch_iterator(
         batches_per_epoch=bpe,
         resolution=res,
         shuffle_buffer=shuffle_buffer,
+        checks=checks,
     )
     dev = torch.device(device) if device is not None else None
     pin = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
@@ -579,8 +538,9 @@ def iter_sample_range(
     handed to `skip(key, url, exc)` and left out. Unlike training's stream, a shard that cannot be read
     raises: a statistic over a silently smaller set (FID's reference) would be wrong.
     """
+    checks, verified = _checks_by_url(shards), set[str]()
     for url, a, b in shard_pieces(shards, lo, hi):
-        yield from _decoded(url, iter_shard_samples(url, a, b), resolution, skip)
+        yield from _decoded(url, iter_shard_samples(url, a, b, check=checks[url], verified=verified), resolution, skip)
 
 
 def iter_images(
@@ -594,7 +554,7 @@ def iter_images(
     """
     rank, world_size = rank_and_world(rank, world_size)
     shards = resolve(spec, resolution=resolution)
-    stats = _Stats()
+    stats = ReadStats()
     if shards.counts is None:
         pieces: list[tuple[str, int, int | None]] = [(u, 0, None) for u in shards.urls[rank::world_size]]
     else:
@@ -605,5 +565,11 @@ def iter_images(
         stats.skipped += 1
         stats.warn(f"skipping sample {key} of {url}: {exc}")
 
+    checks = _checks_by_url(shards)
     for url, a, b in pieces:
-        yield from _decoded(url, _guarded(url, a, b, stats), resolution, skip)
+        yield from _decoded(url, guarded(url, a, b, stats, checks[url]), resolution, skip)
+
+
+def _checks_by_url(shards: ShardSet, verify: str = "first") -> dict[str, ShardCheck]:
+    """Reads of whole shard sets (FID references, `iter_images`) verify what they read through too."""
+    return dict(zip(shards.urls, shard_checks(shards.counts, shards.digests, len(shards.urls), verify), strict=True))

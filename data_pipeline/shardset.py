@@ -18,7 +18,9 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import tarfile
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -43,6 +45,8 @@ class ShardSet:
     counts: tuple[int, ...] | None  # samples per shard, None when unknown (remote, no manifest)
     manifest: dict[str, Any] | None
     local_dir: Path | None  # folder holding the set (and its manifest) when local
+    digests: tuple[str | None, ...] | None = None  # each shard's sha256 in the manifest, when it has them
+    why_no_counts: str = ""  # when counts are None: why (e.g. the manifest beside remote shards: HTTP 404)
 
     @property
     def num_samples(self) -> int | None:
@@ -110,11 +114,17 @@ def _from_manifest(m: dict[str, Any], *, base: str, local_dir: Path | None) -> S
         shards = m["shards"]
         urls = tuple(_join(base, str(s["url"])) for s in shards)
         counts = tuple(int(s["num_samples"]) for s in shards)
-    except (KeyError, TypeError, ValueError):
+        digests = tuple(_digest(s) for s in shards)
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise DataError(f"manifest in {base} lacks shards[].url / shards[].num_samples") from None
     if not urls:
         raise DataError(f"manifest in {base} lists no shards")
-    return ShardSet(urls, counts, m, local_dir)
+    return ShardSet(urls, counts, m, local_dir, digests)
+
+
+def _digest(shard: dict[str, Any]) -> str | None:
+    d = shard.get("sha256")
+    return str(d) if d else None
 
 
 def _join(base: str, url: str) -> str:
@@ -146,39 +156,51 @@ def _from_url_list(spec: str, count: bool) -> ShardSet:
             raise DataError(f"{len(missing)} shard(s) of {spec!r} not found, first: {missing[0]}")
         parents = {p.parent.resolve() for p in paths}
         local_dir = parents.pop() if len(parents) == 1 else None
-        m, known = _neighbour_manifest(local_dir, [p.name for p in paths]) if local_dir else (None, None)
+        m, known, digests = _neighbour_manifest(local_dir, [p.name for p in paths]) if local_dir else (None,) * 3
         counts = known if known is not None else (_scan_counts([str(p) for p in paths]) if count else None)
-        return ShardSet(tuple(str(p) for p in paths), counts, m, local_dir)
+        return ShardSet(tuple(str(p) for p in paths), counts, m, local_dir, digests)
     for scheme_first in {u.split(":", 1)[0]: u for u in urls}.values():
         opener(scheme_first)  # fail now, in the launcher, not later inside a DataLoader worker
-    # Remote list: use a manifest.json beside the shards for their counts if one is there.
-    m, counts = None, None
+    # Remote list: use a manifest.json beside the shards for their counts if one is there. A server or
+    # bucket that cannot be reached at all fails here, with its cause; a manifest it does not hand out
+    # (404, 403) leaves the counts unknown, and why, for whoever needs them.
     first = urls[0]
-    if not first.startswith("pipe:") and "/" in first:
-        try:
-            m = _read_json_remote(first.rsplit("/", 1)[0] + "/" + MANIFEST)
-            by_name = {str(s["url"]).rsplit("/", 1)[-1]: int(s["num_samples"]) for s in m["shards"]}
-            names = [u.rsplit("/", 1)[-1] for u in urls]
-            counts = tuple(by_name[n] for n in names) if all(n in by_name for n in names) else None
-            if counts is None:
-                m = None
-        except Exception:  # no manifest next to the shards: counts stay unknown
-            m, counts = None, None
-    return ShardSet(tuple(urls), counts, m, None)
+    if first.startswith("pipe:") or "/" not in first:
+        return ShardSet(tuple(urls), None, None, None, why_no_counts="pipe: URLs have no manifest beside them")
+    url = first.rsplit("/", 1)[0] + "/" + MANIFEST
+    try:
+        m = _read_json_remote(url)
+    except _NoManifest as exc:
+        return ShardSet(tuple(urls), None, None, None, why_no_counts=str(exc))
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    m, counts, digests = _listed(m, names, lambda u: u.rsplit("/", 1)[-1])
+    why = "" if counts is not None else f"{url} does not list every shard of {spec!r}"
+    return ShardSet(tuple(urls), counts, m, None, digests, why_no_counts=why)
 
 
-def _neighbour_manifest(d: Path, names: list[str]) -> tuple[dict[str, Any] | None, tuple[int, ...] | None]:
-    """The manifest in the shards' folder and their counts, if it lists every one of them."""
+Listed = tuple[dict[str, Any] | None, tuple[int, ...] | None, tuple[str | None, ...] | None]
+
+
+def _listed(m: dict[str, Any], names: list[str], name_of: Callable[[str], str]) -> Listed:
+    """(manifest, counts, digests) of the shards `names` if manifest `m` lists every one of them."""
+    try:
+        by_name = {name_of(str(s["url"])): (int(s["num_samples"]), _digest(s)) for s in m["shards"]}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None, None, None
+    if not all(n in by_name for n in names):
+        return None, None, None
+    return m, tuple(by_name[n][0] for n in names), tuple(by_name[n][1] for n in names)
+
+
+def _neighbour_manifest(d: Path, names: list[str]) -> Listed:
+    """The manifest in the shards' folder, their counts and digests, if it lists every one of them."""
     if not (d / MANIFEST).is_file():
-        return None, None
+        return None, None, None
     try:
         m = _read_json_local(d / MANIFEST)
-        by_name = {Path(str(s["url"])).name: int(s["num_samples"]) for s in m["shards"]}
-    except (DataError, KeyError, TypeError, ValueError):
-        return None, None
-    if not all(n in by_name for n in names):
-        return None, None
-    return m, tuple(by_name[n] for n in names)
+    except DataError:
+        return None, None, None
+    return _listed(m, names, lambda u: Path(u).name)
 
 
 def _read_json_local(p: Path) -> dict[str, Any]:
@@ -188,14 +210,71 @@ def _read_json_local(p: Path) -> dict[str, Any]:
         raise DataError(f"cannot read manifest {p}: {exc}") from None
 
 
+class _NoManifest(DataError):
+    """The server answered, but has no manifest for us (not found, or not allowed)."""
+
+
 def _read_json_remote(url: str) -> dict[str, Any]:
     try:
         with open_url(url) as f:
-            return json.loads(f.read().decode("utf-8"))
+            data = f.read()
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read manifest {url}: {exc}") from None
+        cause, answered = explain_open_error(url, exc)
+        raise (_NoManifest if answered else DataError)(f"cannot read manifest {url}: {cause}") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise DataError(f"manifest {url} is not JSON: {exc}") from None
+
+
+def explain_open_error(url: str, exc: BaseException) -> tuple[str, bool]:
+    """(the real cause of a failed read of `url` in a few words, whether the server answered 403/404).
+
+    Why: the clients say it badly (curl through webdataset only gives its exit status inside a tuple of
+    its arguments; boto wraps its causes), and a user needs to know whether to install a client, set
+    credentials, start a server or fix a path. curl's failure is asked again with urllib, once, for the
+    HTTP status or the socket error.
+    """
+    scheme = url.split(":", 1)[0].lower() if is_remote(url) else "file"
+    if scheme in ("http", "https") and not isinstance(exc, urllib.error.URLError):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10):
+                pass
+        except Exception as probe:  # noqa: BLE001 - any answer is more telling than curl's status
+            exc = probe
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}", exc.code in (401, 403, 404, 410)
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else OSError(str(exc.reason))
+    name = type(exc).__name__
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running, and is this its host and port?)", False
+    if name == "NoCredentialsError" or "Unable to locate credentials" in str(exc):
+        return ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
+                "environment of every process", False)
+    if isinstance(exc, FileNotFoundError):
+        return "not found" + (" (404)" if scheme != "file" else ""), True
+    if isinstance(exc, PermissionError):
+        return ("access denied (403): check the credentials and the bucket policy" if scheme != "file"
+                else "permission denied"), True
+    if isinstance(exc, TimeoutError):
+        return "timed out", False
+    if isinstance(exc, socket.gaierror):
+        return f"host not found ({exc.strerror})", False
+    status = re.search(r"exit (\d+) \(read\)", str(exc))  # webdataset's Pipe: ((args,), {...}): exit N (read)
+    if status:
+        code = int(status.group(1))
+        if scheme == "pipe":
+            return f"the command exited with status {code}", False
+        return f"curl exited with status {code}{_CURL_EXITS.get(code, '')}", False
+    text = " ".join(str(exc).split()) or "no detail"
+    return f"{name}: {text[:300]}", False
+
+
+_CURL_EXITS = {6: " (host not found)", 7: " (could not connect)", 22: " (HTTP error)", 28: " (timed out)",
+               35: " (TLS handshake failed)", 56: " (connection reset)"}
 
 
 def _scan_counts(paths: list[str]) -> tuple[int, ...]:

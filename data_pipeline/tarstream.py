@@ -31,6 +31,7 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         return
     long_name: str | None = None
     pax: dict[str, str] = {}
+    started = bool(head)
     while head:
         if len(head) < _BLOCK:
             raise TarStreamError("tar stream ends inside a header")
@@ -55,6 +56,8 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield pax.get("path") or long_name or name, data
             long_name, pax = None, {}
         head = _read(stream, _BLOCK, partial_ok=True)
+    if started:  # every tar writer ends with zero blocks: without them the shard was cut at a member boundary
+        raise TarStreamError("tar stream cut short (at a member boundary: no end-of-archive marker)")
 
 
 def _read(stream: IO[bytes], n: int, *, partial_ok: bool = False) -> bytes:

@@ -43,6 +43,8 @@ STRATEGIES = ("single", "ddp", "deepspeed")
 # The metrics `eval.metrics` may list: the names of `rgan_dist.metrics.evaluator.METRICS` (a test keeps the
 # two equal; the registry itself imports torch, which a config check must not need).
 EVAL_METRICS = ("fid", "kid", "modes")
+# data_pipeline.verify.VERIFY_MODES, spelled out (that module imports torch's reader); a test keeps them equal.
+DATA_VERIFY = ("off", "first", "always")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -117,6 +119,9 @@ class DataConfig:
         "Training images: a shard dir, manifest.json or brace URL list; sklearn:digits = embedded data.",
     )
     workers: int = _f(2, "DataLoader workers per rank for shard reading.", min=0)
+    verify: str = _f("first", "Check each shard's sha256 against the manifest as it is read (streamed): off, "
+                     "first (the first time a reader reads it), always. Sample counts are always checked.",
+                     choices=DATA_VERIFY)
 
 
 @dataclass

@@ -101,7 +101,7 @@ def make_batches(cfg: Config, *, rank: int, world_size: int, device: torch.devic
                              rank=rank, world_size=world_size, workers=cfg.data.workers,
                              seed=cfg.train.seed, start_epoch=state.get("epoch", 0),
                              start_batch=state.get("batch", 0), start_skipped=state.get("skipped", 0),
-                             device=device)
+                             device=device, verify=cfg.data.verify)
     return it
 
 

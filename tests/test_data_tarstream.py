@@ -64,3 +64,8 @@ def test_damage_is_reported():
     with pytest.raises(TarStreamError, match="checksum"):
         list(tar_members(io.BytesIO(bytes(bad))))
     assert list(tar_members(io.BytesIO(b""))) == []
+    whole = list(tar_members(io.BytesIO(data)))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        boundary = tf.getmembers()[1].offset  # where the second member's header starts
+    with pytest.raises(TarStreamError, match="cut short .at a member boundary"):  # not a shorter, valid tar
+        assert list(tar_members(io.BytesIO(data[:boundary]))) == whole[:1]

@@ -116,3 +116,31 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resumes_exactly(tmp
                           "--resume", "auto"))
     assert f"at step {stop}" in resumed
     assert_same_training_state(straight_two_ranks, ckpt(tmp_path, STEPS))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_skipped_samples_of_a_truncated_shard_are_counted_on_every_rank(tmp_path, shards):
+    """A shard cut mid-file: training goes on, and `skipped_samples` is the job's count (the sum over
+    ranks of the samples each could not read), not 0 and not rank 0's alone."""
+    import json
+    import shutil
+
+    from data_pipeline.verify import iter_shard_samples
+
+    data = tmp_path / "wds"
+    shutil.copytree(shards, data)
+    tar = data / "data-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    readable = 0
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the tar reader says, it stops
+        for _ in iter_shard_samples(str(tar)):
+            readable += 1
+    lost = SHARD_SIZE - readable
+    ok(torchrun(tmp_path, "dist.strategy=ddp", *overrides(data), f"train.steps={STEPS}"))
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    per_rank = [r["data"]["skipped"] for r in ckpt(tmp_path, STEPS)["ranks"]]
+    assert last["step"] == STEPS and last["skipped_samples"] == sum(per_rank)
+    assert all(n > 0 for n in per_rank), per_rank  # both ranks read the cut shard in these 6 epochs
+    # 16 batches per rank: epochs 0-4 whole (3 batches each), and epoch 5 begun, each losing `lost` samples.
+    assert 5 * lost <= sum(per_rank) <= 6 * lost

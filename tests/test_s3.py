@@ -136,6 +136,35 @@ def test_two_ranks_stream_shards_from_s3_and_resume_exactly(tmp_path, bucket, s3
     assert_same_training_state(straight_two_ranks, ckpt(tmp_path, STEPS))
 
 
+@pytest.mark.slow
+def test_s3_shards_are_verified_and_a_missing_manifest_is_named(tmp_path, bucket, s3_server, shards):
+    """Shards in a bucket are checked against their manifest as they stream (a zeroed sha256 is one line
+    naming the s3:// shard); a brace list without a manifest beside it says which URL was not found."""
+    import json
+
+    from data_pipeline import make_batch_iterator
+    from data_pipeline.errors import DataError
+
+    client = s3_server.client()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = "0" * 64
+    for f in sorted(shards.glob("*.tar")):
+        client.upload_file(str(f), bucket, f"lying/{f.name}")
+        client.upload_file(str(f), bucket, f"bare/{f.name}")
+    client.put_object(Bucket=bucket, Key="lying/manifest.json", Body=json.dumps(manifest).encode())
+    name = manifest["shards"][1]["url"]
+    lying = make_batch_iterator(f"s3://{bucket}/lying/manifest.json", batch_size=4, rank=0, world_size=1, workers=0)
+    with pytest.raises(DataError) as exc, lying as it:
+        for _ in range(2 * it.batches_per_epoch):
+            next(it)
+    assert str(exc.value).startswith(f"shard s3://{bucket}/lying/{name} does not match its manifest: sha256 ")
+    with pytest.raises(DataError) as exc:
+        make_batch_iterator(f"s3://{bucket}/bare/{name[:-len('000000.tar')]}{{000000..000002}}.tar", batch_size=4,
+                            rank=0, world_size=1)
+    assert f"cannot read manifest s3://{bucket}/bare/manifest.json: not found (404)" in str(exc.value)
+    assert "\n" not in str(exc.value) and "samples_per_epoch" not in str(exc.value)
+
+
 # ------------------------------------------------------------------------------------------ MLflow
 
 

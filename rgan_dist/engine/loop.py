@@ -152,9 +152,11 @@ class Trainer:
                 log_step = self.step % t.log_every == 0 or self.step == t.steps
                 if log_step:
                     self.gan.check_diverged()
-                    metrics = s.reduce_mean({**out, **self.grad_norms.take()})
+                    skipped = torch.tensor(float(self.data.skipped))  # this rank's; the metric is the job's sum
+                    metrics = s.reduce_mean({**out, **self.grad_norms.take(), "skipped_samples": skipped})
+                    metrics["skipped_samples"] = float(round(metrics["skipped_samples"] * s.world_size))
                     metrics.update(img_per_s=throughput.rate(self.reals_drawn) * s.world_size,  # same on every rank
-                                   skipped_samples=float(self.data.skipped), bad_steps=float(self.bad_steps_total))
+                                   bad_steps=float(self.bad_steps_total))
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", eta=eta.text(self.step), refresh=False)
