@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from rgan_dist.errors import ConfigError
+from rgan_dist.r3gan_layout import r3gan_layout
 
 MODEL_ARCHS = ("dcgan", "cnn32", "r3gan")
 # The names of rgan_dist.losses' registries (LOSSES, PENALTIES), spelled out rather than imported: the
@@ -454,40 +455,6 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples={cfg.eval.num_samples}: FID needs at least 2 samples")
     _check_eval_metrics(cfg)
-
-
-_R3GAN_ONLY = {"stage_widths": [], "stage_blocks": 2, "cardinality": 0, "expansion": 2}
-
-
-def r3gan_layout(*, arch: str, resolution: int, width: int, max_width: int, spectral_norm: bool,
-                 stage_widths: list[int], stage_blocks: int, cardinality: int, expansion: int,
-                 **_: Any) -> tuple[list[int], list[int]]:
-    """r3gan's (widths, cardinalities) per stage, 4x4 first; ([], []) for the other archs, which must leave the
-    r3gan-only keys at their defaults. Torch-free, so `load_config` refuses a bad layout before any process
-    starts; `models.r3gan` builds from the same answer. Auto cardinality is width / 8 (R3GAN's presets: 8 input,
-    16 expanded channels per group), or the largest divisor of the width below that for widths not divisible by 8."""
-    if arch != "r3gan":
-        given = {"stage_widths": stage_widths, "stage_blocks": stage_blocks, "cardinality": cardinality,
-                 "expansion": expansion}
-        for key, default in _R3GAN_ONLY.items():
-            if given[key] != default:
-                raise ConfigError(f"model.{key}={given[key]!r}: only used with model.arch=r3gan (got {arch})")
-        return [], []
-    if resolution < 8 or resolution & (resolution - 1):
-        raise ConfigError(f"model.resolution={resolution}: r3gan needs a power of two in 8..1024")
-    if spectral_norm:
-        raise ConfigError("model.spectral_norm=true: r3gan has no normalisation (R3GAN's design); set false")
-    n = resolution.bit_length() - 2  # stages at 4, 8, ..., resolution
-    widths = list(stage_widths) or [min(width * (resolution >> (i + 2)), max_width) for i in range(n)]
-    if len(widths) != n or min(widths) < 1:
-        raise ConfigError(f"model.stage_widths={stage_widths}: r3gan at {resolution}px needs {n} positive widths "
-                          "(4x4 first), or [] for auto")
-    cards = [cardinality] * n if cardinality else [math.gcd(w, max(1, w // 8)) for w in widths]
-    bad = [w for w, c in zip(widths, cards, strict=True) if w % c]
-    if bad:
-        raise ConfigError(f"model.cardinality={cardinality}: must divide every r3gan stage width {widths} "
-                          f"(not {bad[0]}); 0 picks width / 8 per stage")
-    return widths, cards
 
 
 def _check_eval_metrics(cfg: Config) -> None:

@@ -21,12 +21,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from rgan_dist.config import r3gan_layout
 from rgan_dist.errors import ConfigError
 from rgan_dist.models.cnn32 import CNN32Discriminator, CNN32Generator
 from rgan_dist.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from rgan_dist.models.layers import check_positive_int
 from rgan_dist.models.r3gan import R3GANDiscriminator, R3GANGenerator
+from rgan_dist.r3gan_layout import r3gan_layout
 
 if TYPE_CHECKING:
     from rgan_dist.config import ModelConfig
