@@ -27,8 +27,9 @@ import yaml
 
 from rgan_dist.deepspeed_config import deepspeed_settings
 from rgan_dist.errors import ConfigError
+from rgan_dist.r3gan_layout import r3gan_layout
 
-MODEL_ARCHS = ("dcgan", "cnn32")
+MODEL_ARCHS = ("dcgan", "cnn32", "r3gan")
 # The names of rgan_dist.losses' registries (LOSSES, PENALTIES), spelled out rather than imported: the
 # losses pull in torch (~2 s), and reading or checking a config (`rgan train --help`, `--print-config`)
 # must not. tests/test_losses.py asserts both tuples equal the registries, so they cannot drift.
@@ -65,15 +66,23 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     arch: str = _f("dcgan", "Architecture pair.", choices=MODEL_ARCHS)
-    resolution: int = _f(64, "Image side in pixels (dcgan: power of two 16..1024; cnn32: 32).", min=8, max=1024)
+    resolution: int = _f(64, "Image side in pixels (dcgan: power of two 16..1024; cnn32: 32; r3gan: power of two "
+                         "8..1024).", min=8, max=1024)
     channels: int = _f(3, "Image channels produced by G and read by D.", choices=(1, 3))
     z_dim: int = _f(128, "Latent size; z ~ N(0, I).", min=1)
     width: int = _f(64, "Base channel width (paper: 64 at 64^2/128^2, 32 at 256^2).", min=1)
     max_width: int = _f(1024, "Cap on any layer's channels, so 1024^2 models stay finite.", min=1)
-    spectral_norm: bool = _f(False, "Spectral norm on every D conv.")
-    g_batch_norm: bool = _f(True, "BatchNorm in G.")
-    d_batch_norm: bool = _f(True, "BatchNorm in D (dcgan: never on its first block); set false with a penalty.")
+    spectral_norm: bool = _f(False, "Spectral norm on every D conv (not r3gan: it has no normalisation).")
+    g_batch_norm: bool = _f(True, "BatchNorm in G (r3gan ignores it: no normalisation).")
+    d_batch_norm: bool = _f(True, "BatchNorm in D (dcgan: never on its first block); set false with a penalty "
+                            "(r3gan ignores it).")
     pack: int = _f(1, "PacGAN packing: D judges `pack` images stacked on channels (paper: 2 at 256^2).", min=1)
+    stage_widths: list[int] = _f([], "r3gan: channels per stage, 4x4 first, log2(resolution) - 1 of them; []: "
+                                 "width x2 per halving of the side from resolution down to 4, capped at max_width.")
+    stage_blocks: int = _f(2, "r3gan: residual blocks per stage (R3GAN: 2).", min=1)
+    cardinality: int = _f(0, "r3gan: groups of each block's 3x3 conv, dividing every stage width; 0: each "
+                          "stage's width / 8 (R3GAN's presets).", min=0)
+    expansion: int = _f(2, "r3gan: width multiplier inside a residual block (R3GAN: 2).", min=1)
 
 
 @dataclass
@@ -434,6 +443,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"model.resolution={m.resolution}: arch cnn32 is the paper's 32x32 CNN; set 32")
     if m.arch == "dcgan" and (m.resolution < 16 or m.resolution & (m.resolution - 1)):
         raise ConfigError(f"model.resolution={m.resolution}: dcgan needs a power of two in 16..1024")
+    r3gan_layout(**dataclasses.asdict(m))
     if cfg.train.batch_size % m.pack:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size}: must be a multiple of model.pack={m.pack}"

@@ -145,6 +145,29 @@ def test_ddp_two_ranks_identical_resume_exact_and_loads_single_process(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # > its jobs' own timeouts: 240 + 180 s
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_r3gan_two_ranks_of_b_match_one_process_of_2b(tmp_path, strategy):
+    """r3gan (no normalisation, no buffers: reals and fakes go through D in one forward) with R3GAN's loss,
+    rsgan + R1 + R2, on 2 ranks x B=4 equals one process at B=8 on the same global stream, under DDP and
+    DeepSpeed ZeRO-2. A 10x learning rate moves the zero-initialised block outputs within the 4 steps."""
+    common = ["model.arch=r3gan", "model.max_width=16", "model.stage_blocks=1", "loss.name=rsgan",
+              "loss.penalty=r1+r2", "loss.penalty_weight=0.1", "train.steps=4", "train.ema=0.9",
+              "train.lr_d=0.002", "train.lr_g=0.002"]
+    dist = ["dist.strategy=ddp"] if strategy == "ddp" else ["dist.strategy=deepspeed", ZERO2]
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "equiv",
+                str(tmp_path), *common, "train.batch_size=4", *dist], timeout=240))
+    ok(run_job([sys.executable, worker, "equiv", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    two, single = torch.load(tmp_path / f"equiv-{strategy}-2.pt"), torch.load(tmp_path / "equiv-single-1.pt")
+    moved = [k for k, v in single["G"].items() if k.endswith("project.weight") and v.abs().max() > 0]
+    assert moved, "the blocks never left the identity: the check would not see them"
+    for part in ("G", "D", "EMA"):
+        for k, v in single[part].items():
+            torch.testing.assert_close(two[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s
 def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
     """Same global stream of reals and noise, split over 2 ranks (B=4 each) or whole on one process (B=8).

@@ -187,12 +187,13 @@ def test_export_bad_input_is_one_line(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_mlflow_run_holds_the_final_generator_as_a_model(tmp_path):
+@pytest.mark.parametrize("arch", [[], ["model.arch=r3gan", "model.stage_blocks=1"]], ids=["dcgan", "r3gan"])
+def test_mlflow_run_holds_the_final_generator_as_a_model(tmp_path, arch):
     import mlflow
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(DEMO, [*RUN, f"tracking.mlflow_uri={uri}", "tracking.experiment=gen",
+    cfg = load_config(DEMO, [*RUN, *arch, f"tracking.mlflow_uri={uri}", "tracking.experiment=gen",
                              f"run.out_dir={tmp_path / 'run'}"])
     train(cfg)
     client = MlflowClient(tracking_uri=uri)

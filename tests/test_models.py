@@ -18,12 +18,14 @@ missing from standard GAN", ICLR 2019, arXiv:1807.00734) trained them in its off
 - `--arch 0`, our `dcgan` (CAT): depth from the image size; G: ConvT k4 blocks with BN + ReLU, Tanh
   out; D: conv k4 s2 blocks with BN (none on the first), LeakyReLU(0.2), final conv k4 -> 1; no biases.
   Width 64 at 64^2 and 128^2, 32 at 256^2 (that preset also packs 2 images for D, PacGAN-2).
-- z: 128-d. Init: conv N(0, 0.02), BN weight N(1, 0.02), bias 0.
+- z: 128-d. Init (the official `weights_init`): conv weights N(0, 0.02), BN weight N(1, 0.02), BN bias 0;
+  conv biases and Linear layers (cnn32) keep PyTorch's defaults.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -241,6 +243,12 @@ def test_pack_halves_rows_and_groups_consecutive_images(arch, R):
     torch.manual_seed(0)
     _, D = build_models(arch, resolution=R, pack=2, d_batch_norm=False, **TINY)
     assert D.pack == 2 and d_convs(D)[0].in_channels == 6
+    # At width 2 cnn32's seven N(0, 0.02) convs shrink an input change ~1e-9-fold against their biases (PyTorch's
+    # default init, as the official code's), below float32's resolution of the logit: packing is what is checked.
+    with torch.no_grad():
+        for m in d_convs(D):
+            if m.bias is not None:
+                m.bias.zero_()
     x = torch.randn(6, 3, R, R)
     out = D(x)
     assert out.shape == (3,)
@@ -270,7 +278,7 @@ def test_d_rejects_wrong_image_shape():
         ("dcgan", {"resolution": 8}, "model.resolution=8"),
         ("dcgan", {"resolution": 2048}, "1024"),
         ("cnn32", {"resolution": 64}, "model.resolution=64"),
-        ("resnet", {"resolution": 64}, "dcgan, cnn32"),
+        ("resnet", {"resolution": 64}, "dcgan, cnn32, r3gan"),
         ("dcgan", {"resolution": 64, "width": 0}, "model.width=0"),
         ("dcgan", {"resolution": 64, "pack": 0}, "model.pack=0"),
         ("dcgan", {"resolution": 64, "z_dim": 1.5}, "model.z_dim=1.5"),
@@ -283,7 +291,7 @@ def test_bad_config_raises_config_error(arch, kwargs, needle):
 
 
 def test_archs_constant():
-    assert ARCHS == ("dcgan", "cnn32")
+    assert ARCHS == ("dcgan", "cnn32", "r3gan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +311,17 @@ def test_init_statistics():
             assert m.weight.mean().item() == pytest.approx(1.0, abs=0.005)
             assert m.weight.std().item() == pytest.approx(0.02, rel=0.25)
             assert torch.all(m.bias == 0)
+    # cnn32: the official weights_init touches convs and BatchNorm only, so Linear layers and conv biases keep
+    # PyTorch's defaults: weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weight std 1/sqrt(3 fan_in)).
     torch.manual_seed(0)
-    G, D = build_models("cnn32", resolution=32, z_dim=128, width=64)
-    assert G.dense.weight.std().item() == pytest.approx(0.02, rel=0.05)
-    biased = [m for m in list(G.modules()) + list(D.modules()) if getattr(m, "bias", None) is not None]
-    assert len(biased) > 10 and all(torch.all(m.bias == 0) for m in biased)
+    G, D = build_models("cnn32", resolution=32, z_dim=128, width=64, d_batch_norm=False)
+    assert G.dense.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 128), rel=0.05)
+    assert D.to_logit.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 8192), rel=0.05)
+    for m in list(G.modules()) + list(D.modules()):
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            assert m.weight.std().item() == pytest.approx(0.02, rel=0.1)
+            fan_in = m.weight.shape[1] * m.weight[0, 0].numel()  # torch's own rule, ConvT included
+            assert 0 < m.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
 
 
 @pytest.mark.parametrize("arch,R", [("dcgan", 32), ("cnn32", 32)])

@@ -6,10 +6,11 @@ D: conv3x3 w, conv4x4s2 w, conv3x3 2w, conv4x4s2 2w, conv3x3 4w, conv4x4s2 4w, c
 followed by LeakyReLU(0.1), then Linear(8w*4*4 -> 1). w = 64 gives the paper's 64..512 channels;
 tests use a tiny w.
 
-Every layer has a bias, as in the paper's code. With `batch_norm`, D gets BatchNorm after each
-of its first six convs (the official code's non-spectral variant); the paper's "stable" runs use
-spectral norm on every conv and no BatchNorm in D, which is `spectral_norm=True,
-d_batch_norm=False` here: the two switches are independent.
+Every layer has a bias, as in the paper's code, and the same initialisation (`layers.init_weights`):
+conv weights N(0, 0.02), while conv biases and both Linear layers keep PyTorch's defaults.
+With `batch_norm`, D gets BatchNorm after each of its first six convs (the official code's
+non-spectral variant); the paper's "stable" runs use spectral norm on every conv and no BatchNorm
+in D, which is `spectral_norm=True, d_batch_norm=False` here: the two switches are independent.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pieces every architecture shares: the paper's initialisation, spectral norm, PacGAN packing.
+"""Pieces architectures share: the paper's initialisation, spectral norm, PacGAN packing.
 
 They live here, not in each architecture, so that "conv weights N(0, 0.02)" or "D sees `pack`
 images stacked on channels" is decided once and reviewed once.
@@ -13,13 +13,15 @@ from rgan_dist.errors import ConfigError
 
 __all__ = ["Critic", "apply_spectral_norm", "check_positive_int", "init_weights"]
 
-_WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 _NORMS = (nn.BatchNorm2d,)
 
 
 def init_weights(module: nn.Module) -> None:
-    """DCGAN initialisation as in the paper's code: conv/convT/linear weights N(0, 0.02), BatchNorm
-    scale N(1, 0.02), every bias 0.
+    """The paper's code's `weights_init` (AlexiaJM/RelativisticGAN `GAN_losses_iter.py`), exactly: conv and
+    transposed-conv weights N(0, 0.02), BatchNorm scale N(1, 0.02) and shift 0, and nothing else. Conv biases
+    and Linear layers (cnn32's dense layers) keep PyTorch's default initialisation, as there; dcgan has
+    neither, so only cnn32 sees the difference.
 
     Run it *before* `apply_spectral_norm`: the parametrization then adopts the initialised tensor
     as its `original`, and its power-iteration vectors are drawn afterwards. `Module.apply` visits
@@ -28,10 +30,8 @@ def init_weights(module: nn.Module) -> None:
     """
 
     def init_one(m: nn.Module) -> None:
-        if isinstance(m, _WEIGHTED):
+        if isinstance(m, _CONVS):
             nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, _NORMS):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
