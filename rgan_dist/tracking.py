@@ -12,8 +12,10 @@ HTTP retries are bounded too (`bound_http_retries`), so even the failing call co
 
 What MLflow's UI shows is shaped here, in one place: metric names grouped as `train/...` and `eval/...`
 (`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids as `log_image(key="samples")`
-(the run page's image slider), system metrics (CPU, RAM, disk, network, GPU) sampled by MLflow's own monitor
-on rank 0, and a run description plus dataset tags (`run_tags`).
+(the image cards' step slider) and as plain files under `samples/` (the Artifacts tab), system metrics (CPU, RAM,
+disk, network, GPU) sampled by MLflow's own monitor on rank 0, a run description plus dataset tags (`run_tags`),
+the training data as an MLflow dataset input (`dataset_input`: the runs table's Dataset column), and experiments
+of the model-training kind (`EXPERIMENT_KIND`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ EVAL_METRICS = frozenset({"fid", "kid", "kid_std", "modes", "modes_kl", "modes_s
 # time across loss variants needs this as the x-axis ("Metric" -> eval/elapsed_s).
 ELAPSED = "eval/elapsed_s"
 
+# What MLflow 3.17's UI calls a model-training experiment (its other kind is "genai_development"). The tag names
+# the experiment's kind in the experiment list and to MLflow's own tools; the 3.17 experiment page itself follows
+# the sidebar's "GenAI | Model training" switch instead (remembered per browser, GenAI at first), so the links we
+# print carry `ui_link`'s `workflowType=machine_learning`, which opens the runs table whatever the switch says.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 
 def mlflow_name(key: str) -> str:
     """The MLflow name of metric `key`: `eval/<key>` for evaluation results, `train/<key>` for the rest; a
@@ -79,16 +87,26 @@ def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> s
     create."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made before the kind was set, or by hand
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     root = str(artifact_root or "")
     location = (f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)) if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
+
+
+def ui_link(base: str, experiment: str, run_id: str | None = None) -> str:
+    """The MLflow UI's address of an experiment's runs table (or of one run) under the server at `base`, opened
+    in the model-training view: 3.17 otherwise opens an experiment on its GenAI pages (EXPERIMENT_KIND says why)."""
+    path = f"/runs/{run_id}" if run_id else "/runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment}{path}?workflowType=machine_learning"
 
 
 def metric_history(client: Any, run_id: str, key: str) -> list[Any]:
@@ -99,6 +117,10 @@ def metric_history(client: Any, run_id: str, key: str) -> list[Any]:
 
 class Tracker:
     """Does nothing: the tracker of every rank but 0, and of runs with tracking disabled."""
+
+    # Whether `log_image` feeds an image slider that opens on step 0 (MLflow 3.17's image cards do, and the UI
+    # alone decides it): the loop then logs the untrained generator's grid at step 0, so the slider opens on a grid.
+    slider_starts_at_zero = False
 
     def log_params(self, params: dict[str, Any]) -> None:
         pass
@@ -111,7 +133,8 @@ class Tracker:
         pass
 
     def log_image(self, path: str | Path, key: str, step: int) -> None:
-        """An image file shown under `key` at `step` (MLflow's image slider); the file stays where it is."""
+        """An image file shown under `key` at `step` (MLflow's image slider) and kept as the artifact `key/<name>`;
+        the file stays where it is."""
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
@@ -191,7 +214,9 @@ def ui_command(uri: str, artifacts: str | None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     cmd = f"mlflow ui --backend-store-uri {uri}"
-    return f"{cmd} --default-artifact-root {artifacts}" if artifacts else cmd
+    cmd = f"{cmd} --default-artifact-root {artifacts}" if artifacts else cmd
+    # the model-training view of MLflow 3.17 (see EXPERIMENT_KIND); 5000 is `mlflow ui`'s default port
+    return f"{cmd}, then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 
 def git_state(path: str | Path | None = None) -> dict[str, str]:
@@ -283,6 +308,33 @@ def dataset_tags(spec: str) -> dict[str, str]:
     return tags
 
 
+def dataset_input(tags: dict[str, str]) -> Any:
+    """The training data as an MLflow dataset input (`mlflow.entities.DatasetInput`, context "training"), from
+    the run's `dataset_tags`: the runs table's Dataset column and the run's Datasets panel show it. Name and source
+    are the data spec (a shard folder, manifest or URL list; `sklearn:digits`); the digest is the shard set's
+    sha256 identity cut to MLflow's 36-character limit (the profile holds all 64 characters), for the embedded
+    digits the sha256 of scikit-learn's array; the profile has the sample count where it is known."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    spec = tags["rgan.dataset"]
+    sha, count = tags.get("rgan.dataset_sha256"), tags.get("rgan.dataset_samples")
+    if spec.startswith("sklearn:") and sha is None:
+        from sklearn.datasets import load_digits
+
+        images = load_digits().images
+        sha, count = hashlib.sha256(images.tobytes()).hexdigest(), len(images)
+    profile: dict[str, Any] = {"sha256": sha} if sha else {}
+    if count is not None:
+        profile["num_samples"] = int(count)
+    scheme = spec.split("://", 1)[0] if "://" in spec else ("code" if spec.startswith("sklearn:") else "local")
+    digest = (sha or hashlib.sha256(spec.encode()).hexdigest())[:36]  # no manifest: the spec is all we know
+    dataset = Dataset(name=spec[-500:], digest=digest, source_type=scheme, source=json.dumps({"uri": spec}),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
 def run_tags(cfg: Config, *, strategy: str, world_size: int, device: Any, extra: dict[str, Any] | None = None
              ) -> dict[str, str]:
     """The tags every run carries: where the code came from, what it ran on, what it trained on, and the run
@@ -326,6 +378,8 @@ _QUIET_LOGGERS = ("urllib3.connectionpool", "mlflow.store.db.utils", "alembic.ru
 class MlflowTracker(JsonlTracker):
     """One MLflow run for the whole job, fed from a worker thread; every metric also goes to the JSONL
     file first (module docstring says why)."""
+
+    slider_starts_at_zero = True
 
     def __init__(self, cfg: Config, *, tags: dict[str, str] | None = None, jsonl_path: str | Path | None = None,
                  start_timeout_s: float = 30.0) -> None:
@@ -401,8 +455,14 @@ class MlflowTracker(JsonlTracker):
             with Image.open(local) as image:
                 image.load()
                 self._client.log_image(self.run_id, image, key=key, step=int(step), timestamp=ms, synchronous=True)
+            self._client.log_artifact(self.run_id, str(local), key)  # the file itself: the Artifacts tab previews it
 
         self._enqueue(send)
+
+    def submit(self, fn: Callable[[Any, str], None]) -> None:
+        """Run `fn(client, run_id)` on the worker thread, in order with everything logged before it: for MLflow
+        calls this class has no method for (the final generator as a logged model, rgan_dist.mlflow_model)."""
+        self._enqueue(lambda: fn(self._client, self.run_id))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = {k: str(v) for k, v in tags.items()}
@@ -480,12 +540,14 @@ class MlflowTracker(JsonlTracker):
             self.run_id = run.info.run_id
         self._run_start = self._client.get_run(self.run_id).info.start_time / 1000.0
         self._set_tags(tags)
+        if previous is None and "rgan.dataset" in tags:
+            self._client.log_inputs(self.run_id, datasets=[dataset_input(tags)])
         if self.cfg.tracking.system_metrics:
             self._start_monitor(resume=previous is not None, cuda=tags.get("rgan.device", "").startswith("cuda"))
         record = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id}
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
-        where = f": {self.uri.rstrip('/')}/#/experiments/{exp_id}/runs/{self.run_id}" \
+        where = f": {ui_link(self.uri, exp_id, self.run_id)}" \
             if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
         print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)
         self._started.set()
