@@ -11,11 +11,11 @@ call (the JSONL file still has every metric), instead of retrying for minutes on
 HTTP retries are bounded too (`bound_http_retries`), so even the failing call costs seconds.
 
 What MLflow's UI shows is shaped here, in one place: metric names grouped as `train/...` and `eval/...`
-(`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids as `log_image(key="samples")`
-(the image cards' step slider) and as plain files under `samples/` (the Artifacts tab), system metrics (CPU, RAM,
-disk, network, GPU) sampled by MLflow's own monitor on rank 0, a run description plus dataset tags (`run_tags`),
-the training data as an MLflow dataset input (`dataset_input`: the runs table's Dataset column), and experiments
-of the model-training kind (`EXPERIMENT_KIND`).
+(`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids on the image cards' step slider
+and as plain files under `samples/` (the Artifacts tab), system metrics (CPU, RAM, disk, network, GPU) sampled by
+MLflow's own monitor on rank 0, a run description plus dataset tags (`run_tags`), the training data as an MLflow
+dataset input (the Dataset column), and experiments of the model-training kind (`mlflow_view` says what the UI
+needs of each).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import platform
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -65,11 +66,6 @@ EVAL_METRICS = frozenset({"fid", "kid", "kid_std", "modes", "modes_kl", "modes_s
 # time across loss variants needs this as the x-axis ("Metric" -> eval/elapsed_s).
 ELAPSED = "eval/elapsed_s"
 
-# What MLflow 3.17's UI calls a model-training experiment (its other kind is "genai_development"). The tag names
-# the experiment's kind in the experiment list and to MLflow's own tools; the 3.17 experiment page itself follows
-# the sidebar's "GenAI | Model training" switch instead (remembered per browser, GenAI at first), so the links we
-# print carry `ui_link`'s `workflowType=machine_learning`, which opens the runs table whatever the switch says.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def mlflow_name(key: str) -> str:
@@ -85,6 +81,8 @@ def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> s
     """The id of MLflow experiment `name`, created (artifacts under `artifact_root/name`, a folder or a URL
     such as s3://bucket/mlruns) if missing; safe when another job creates it between our look-up and our
     create."""
+    from rgan_dist.mlflow_view import EXPERIMENT_KIND
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         for key, value in EXPERIMENT_KIND.items():  # an experiment made before the kind was set, or by hand
@@ -100,13 +98,6 @@ def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> s
         if found is None:
             raise
         return found.experiment_id
-
-
-def ui_link(base: str, experiment: str, run_id: str | None = None) -> str:
-    """The MLflow UI's address of an experiment's runs table (or of one run) under the server at `base`, opened
-    in the model-training view: 3.17 otherwise opens an experiment on its GenAI pages (EXPERIMENT_KIND says why)."""
-    path = f"/runs/{run_id}" if run_id else "/runs"
-    return f"{base.rstrip('/')}/#/experiments/{experiment}{path}?workflowType=machine_learning"
 
 
 def metric_history(client: Any, run_id: str, key: str) -> list[Any]:
@@ -308,33 +299,6 @@ def dataset_tags(spec: str) -> dict[str, str]:
     return tags
 
 
-def dataset_input(tags: dict[str, str]) -> Any:
-    """The training data as an MLflow dataset input (`mlflow.entities.DatasetInput`, context "training"), from
-    the run's `dataset_tags`: the runs table's Dataset column and the run's Datasets panel show it. Name and source
-    are the data spec (a shard folder, manifest or URL list; `sklearn:digits`); the digest is the shard set's
-    sha256 identity cut to MLflow's 36-character limit (the profile holds all 64 characters), for the embedded
-    digits the sha256 of scikit-learn's array; the profile has the sample count where it is known."""
-    import hashlib
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    spec = tags["rgan.dataset"]
-    sha, count = tags.get("rgan.dataset_sha256"), tags.get("rgan.dataset_samples")
-    if spec.startswith("sklearn:") and sha is None:
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images
-        sha, count = hashlib.sha256(images.tobytes()).hexdigest(), len(images)
-    profile: dict[str, Any] = {"sha256": sha} if sha else {}
-    if count is not None:
-        profile["num_samples"] = int(count)
-    scheme = spec.split("://", 1)[0] if "://" in spec else ("code" if spec.startswith("sklearn:") else "local")
-    digest = (sha or hashlib.sha256(spec.encode()).hexdigest())[:36]  # no manifest: the spec is all we know
-    dataset = Dataset(name=spec[-500:], digest=digest, source_type=scheme, source=json.dumps({"uri": spec}),
-                      profile=json.dumps(profile))
-    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
-
-
 def run_tags(cfg: Config, *, strategy: str, world_size: int, device: Any, extra: dict[str, Any] | None = None
              ) -> dict[str, str]:
     """The tags every run carries: where the code came from, what it ran on, what it trained on, and the run
@@ -450,11 +414,12 @@ class MlflowTracker(JsonlTracker):
         local, ms = Path(path), int(time.time() * 1000)
 
         def send() -> None:
-            from PIL import Image
+            from rgan_dist.mlflow_view import image_card_files
 
-            with Image.open(local) as image:
-                image.load()
-                self._client.log_image(self.run_id, image, key=key, step=int(step), timestamp=ms, synchronous=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                for file in image_card_files(local, key, step, ms, Path(tmp)):
+                    self._client.log_artifact(self.run_id, str(file), "images")
+            self._client.set_tag(self.run_id, "mlflow.loggedImages", "True", synchronous=True)
             self._client.log_artifact(self.run_id, str(local), key)  # the file itself: the Artifacts tab previews it
 
         self._enqueue(send)
@@ -541,12 +506,16 @@ class MlflowTracker(JsonlTracker):
         self._run_start = self._client.get_run(self.run_id).info.start_time / 1000.0
         self._set_tags(tags)
         if previous is None and "rgan.dataset" in tags:
+            from rgan_dist.mlflow_view import dataset_input
+
             self._client.log_inputs(self.run_id, datasets=[dataset_input(tags)])
         if self.cfg.tracking.system_metrics:
             self._start_monitor(resume=previous is not None, cuda=tags.get("rgan.device", "").startswith("cuda"))
         record = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id}
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
+        from rgan_dist.mlflow_view import ui_link
+
         where = f": {ui_link(self.uri, exp_id, self.run_id)}" \
             if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
         print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)

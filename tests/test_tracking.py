@@ -117,7 +117,8 @@ def _image_steps(files: set[str], key: str) -> list[int]:
     """The steps of the full-size images `MlflowClient.log_image(key=key, step=...)` stored: it writes
     `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (and a `+compressed.webp` thumbnail) per call."""
     prefix = f"images/{key.replace('/', '~')}+step+"
-    return [int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")]
+    return [int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")
+            and "+compressed" not in f]
 
 
 def _git_head() -> str | None:
