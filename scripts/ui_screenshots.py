@@ -151,6 +151,18 @@ def open_page(page: Any, url: str, ready_text: str) -> None:
     time.sleep(1)
 
 
+def runs_listed(page: Any) -> None:
+    """Wait until the runs table has loaded its rows ("N matching runs", N > 0)."""
+    page.wait_for_function("() => /[1-9][0-9]* matching runs?/.test(document.body.innerText)")
+    time.sleep(1)
+
+
+def expand_parent(page: Any) -> None:
+    """Unfold the first parent run in the runs table (the chevron left of its name) to show its nested runs."""
+    page.locator("button[data-component-id$='runnamecellrenderer.tsx_46']").first.click()
+    time.sleep(1)
+
+
 def image_cards_in_view(page: Any) -> None:
     """Scroll a run page's Model metrics tab to its image cards (the last section; cards render when in view)."""
     page.get_by_text("Add section").first.scroll_into_view_if_needed()
@@ -189,17 +201,29 @@ def main(argv: list[str] | None = None) -> int:
         ids = experiment_ids(root)
         base = stack.enter_context(mlflow_server(root))
         page = stack.enter_context(browser())
-        shoot(page, base, ids, args.out, step=args.steps // 2)
+        shoot(page, base, ids, args.out)
     print(json.dumps(sorted(str(p) for p in args.out.glob("*.png"))))
     return 0
 
 
-def shoot(page: Any, base: str, ids: dict[str, str], out: Path, *, step: int) -> None:
+def shoot(page: Any, base: str, ids: dict[str, str], out: Path) -> None:
     from rgan_dist.mlflow_view import ui_link
 
     variants = ui_link(base, ids[VARIANTS_EXPERIMENT])
     open_page(page, variants, "digits-rsgan")
+    runs_listed(page)
     page.screenshot(path=str(out / "runs_table.png"))
+
+    open_page(page, ui_link(base, ids[SWEEP_EXPERIMENT]), "ui-sweep")
+    runs_listed(page)
+    expand_parent(page)
+    page.get_by_text("ui-sweep-000").first.wait_for()
+    page.screenshot(path=str(out / "sweep_trials.png"))
+
+    open_page(page, variants.replace("?", "?compareRunsMode=CHART&"), "digits-rsgan")
+    page.get_by_text("eval/fid").first.wait_for() if page.get_by_text("eval/fid").count() else None
+    time.sleep(3)
+    page.screenshot(path=str(out / "chart_view.png"))
 
 
 if __name__ == "__main__":

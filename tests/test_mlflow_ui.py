@@ -50,10 +50,10 @@ def test_the_experiment_opens_on_the_training_runs_view(site):
         tags = _client(root).get_experiment(ids[name]).tags
         assert {k: tags.get(k) for k in EXPERIMENT_KIND} == EXPERIMENT_KIND
     ui.open_page(page, ui_link(base, ids[ui.VARIANTS_EXPERIMENT]), "digits-rsgan")
+    ui.runs_listed(page)
     assert "/runs" in page.url and "workflowType=machine_learning" in page.url, page.url
     text = page.inner_text("body")
     assert "digits-rasgan" in text and "Token usage" not in text and "Detect Issues" not in text, text[:2000]
-    assert page.get_by_role("button", name="Model training").count() or "Model training" in text
 
 
 def test_the_run_page_shows_the_latest_grid_whole_and_the_slider_opens_on_a_logged_step(site):
@@ -78,6 +78,7 @@ def test_the_run_page_shows_the_latest_grid_whole_and_the_slider_opens_on_a_logg
 def test_the_runs_table_shows_the_dataset_and_the_model(site):
     root, base, ids, page = site
     ui.open_page(page, ui_link(base, ids[ui.VARIANTS_EXPERIMENT]), "digits-rsgan")
+    ui.runs_listed(page)
     for run in _runs(root, ids[ui.VARIANTS_EXPERIMENT]):
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.name == "sklearn:digits" and len(dataset.dataset.digest) == 36
@@ -94,9 +95,10 @@ def test_a_sweeps_parent_expands_to_its_trials(site):
     trials = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 2
     ui.open_page(page, ui_link(base, ids[ui.SWEEP_EXPERIMENT]), parent.info.run_name)
+    ui.runs_listed(page)
     body = page.inner_text("body")
     assert not any(t in body for t in trials), "the trials should be folded under their parent at first"
-    ui.expand_parent(page, parent.info.run_name)
+    ui.expand_parent(page)
     page.get_by_text(trials[0]).first.wait_for()
     body = page.inner_text("body")
     assert all(t in body for t in trials), body[:3000]
