@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+ELAPSED = "eval/elapsed_s"  # rgan_dist.tracking.ELAPSED: seconds from the run's start to each evaluation
 CHROMIUM = os.environ.get("RGAN_CHROMIUM", "/usr/bin/chromium")  # Debian's package; apt-get install chromium
 VARIANTS = ("rsgan", "rasgan", "ralsgan")
 VARIANTS_EXPERIMENT, SWEEP_EXPERIMENT = "ui-variants", "ui-sweep"
@@ -221,9 +223,48 @@ def shoot(page: Any, base: str, ids: dict[str, str], out: Path) -> None:
     page.screenshot(path=str(out / "sweep_trials.png"))
 
     open_page(page, variants.replace("?", "?compareRunsMode=CHART&"), "digits-rsgan")
-    page.get_by_text("eval/fid").first.wait_for() if page.get_by_text("eval/fid").count() else None
+    fid = chart_card(page, "eval/fid")
+    fid.wait_for()
+    time.sleep(2)
+    fid.screenshot(path=str(out / "fid_vs_step.png"))
+    page.locator("button[aria-label='Configure charts']").first.click()  # the gear: every line chart's x-axis
+    page.get_by_role("menuitem", name="Metric").first.focus()
+    page.keyboard.press("ArrowRight")  # opens the metric list, its first item focused
+    time.sleep(1)
+    for _ in range(40):  # to eval/elapsed_s, by keyboard (the list re-renders under a moving mouse)
+        if page.evaluate("() => document.activeElement && document.activeElement.innerText") == ELAPSED:
+            break
+        page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
     time.sleep(3)
-    page.screenshot(path=str(out / "chart_view.png"))
+    chart_card(page, "eval/fid").screenshot(path=str(out / "fid_vs_time.png"))
+
+    for _ in range(20):  # cards render when scrolled into view; the image card comes last
+        if chart_card(page, "samples").count():
+            break
+        page.mouse.move(900, 600)
+        page.mouse.wheel(0, 1500)
+        time.sleep(1)
+    grids = chart_card(page, "samples")
+    grids.scroll_into_view_if_needed()
+    grids.locator("[data-testid='experiment-view-compare-runs-card-menu']").click()
+    page.get_by_role("menuitem", name="Configure").click()
+    page.get_by_role("switch", name="Show run parameters").click()
+    page.get_by_role("dialog").get_by_role("button", name=re.compile("^(Save|Save changes|OK)$")).click()
+    time.sleep(2)
+    card_last_step(page)
+    page.wait_for_function("() => [...document.images].every(i => i.complete)")
+    chart_card(page, "samples").locator("[data-component-id='fullscreen_button_chartcard']").click()
+    time.sleep(3)  # the card full screen: the variants' grids in a row
+    page.wait_for_function("() => [...document.images].every(i => i.complete)")
+    page.get_by_role("dialog").last.screenshot(path=str(out / "grids_side_by_side.png"))
+
+
+def chart_card(page: Any, title: str) -> Any:
+    """The chart card titled `title` in the experiment's chart view."""
+    return page.locator("[data-testid='experiment-view-compare-runs-card']").filter(
+        has=page.get_by_text(title, exact=True)).first
 
 
 if __name__ == "__main__":

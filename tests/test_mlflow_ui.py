@@ -66,11 +66,13 @@ def test_the_run_page_shows_the_latest_grid_whole_and_the_slider_opens_on_a_logg
     ui.open_page(page, url, "Add section")
     ui.image_cards_in_view(page)
     page.wait_for_function("() => [...document.images].some(i => i.src.includes('images') && i.complete)")
+    page.wait_for_timeout(2000)
     (first,) = ui.image_card_images(page)
     assert "+step+0+" in first["src"], first  # the slider opens on a grid, not on "No image logged at this step"
     assert (first["naturalWidth"], first["naturalHeight"]) == size  # the grid itself, not a 256 px WebP copy
     ui.card_last_step(page)
-    page.wait_for_function(f"() => [...document.images].some(i => i.src.includes('+step+{STEPS}+') && i.complete)")
+    page.wait_for_function(
+        f"() => [...document.images].some(i => decodeURIComponent(i.src).includes('+step+{STEPS}+') && i.complete)")
     (last,) = ui.image_card_images(page)
     assert f"+step+{STEPS}+" in last["src"] and (last["naturalWidth"], last["naturalHeight"]) == size, last
 
