@@ -12,7 +12,7 @@ into a fresh store in a temporary folder, serves it with `mlflow server`, and ph
     python scripts/ui_screenshots.py [--out docs/ui] [--steps 8] [--work DIR]   # about 10 minutes on 2 CPU cores
 
 The committed screenshots are of the default, 8-step runs (their grids are still noise: enough to show the
-layout, not what RaGANs learn); `--steps 2000` shows digits.
+layout, not what the variants learn; a larger --steps shows that, at more cost).
 
 tests/test_mlflow_ui.py drives the same UI with the pieces defined here (store, server, browser, page helpers).
 """
