@@ -205,9 +205,7 @@ def ui_command(uri: str, artifacts: str | None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     cmd = f"mlflow ui --backend-store-uri {uri}"
-    cmd = f"{cmd} --default-artifact-root {artifacts}" if artifacts else cmd
-    # the model-training view of MLflow 3.17 (see EXPERIMENT_KIND); 5000 is `mlflow ui`'s default port
-    return f"{cmd}, then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+    return f"{cmd} --default-artifact-root {artifacts}" if artifacts else cmd
 
 
 def git_state(path: str | Path | None = None) -> dict[str, str]:
@@ -516,8 +514,12 @@ class MlflowTracker(JsonlTracker):
         (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
         from rgan_dist.mlflow_view import ui_link
 
-        where = f": {ui_link(self.uri, exp_id, self.run_id)}" \
-            if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
+        # the run page in MLflow's model-training view (mlflow_view.EXPERIMENT_KIND says why); a local store's
+        # link assumes `mlflow ui` on its default port, 5000
+        link = ui_link(self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000",
+                       exp_id, self.run_id)
+        where = f": {link}" if self.uri.startswith(("http://", "https://")) else \
+            f" in experiment {self.experiment!r} (`mlflow ui`: {link})"
         print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)
         self._started.set()
 
