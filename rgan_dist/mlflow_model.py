@@ -1,7 +1,11 @@
-"""The final generator as an MLflow model, so a run in the UI holds something a user can load and sample:
+"""The final generator as an MLflow 3 logged model of the run, so a run in the UI holds something a user can load
+and sample (the runs table's Models column and the experiment's Models tab list it):
 
-    G = mlflow.pyfunc.load_model("runs:/<run_id>/generator")
+    G = mlflow.pyfunc.load_model("runs:/<run_id>/generator")      # or "models:/<model_id>"
     images = G.predict(np.random.randn(8, z_dim).astype("float32"))   # [8, C, R, R] in [-1, 1]
+
+The model is logged at the run's final step, so MLflow links the metrics of that step (the final FID among
+them, when the run evaluated there) to the model: its page shows them.
 
 It is a pyfunc model (signature z [B, z_dim] float32 -> images [B, C, R, R] float32) around the exported
 safetensors file (`rgan_dist.export`), which sits in the model's `artifacts/` for users who want the file
@@ -20,6 +24,7 @@ import os
 import shutil
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 ARTIFACT_PATH = "generator"  # runs:/<run_id>/generator
 EXPORT_DIR = "generator"  # in run.out_dir: the exported file and the MLflow model folder
 CODE = Path(__file__).with_name("mlflow_generator.py")  # what MLflow runs to load the model: no pickle
+BEST_TAG = "rgan.sweep.best"  # on the run and logged model of a sweep's best trial (rgan_dist.sweep.parent)
+_LOGGED: weakref.WeakSet[Tracker] = weakref.WeakSet()  # trackers whose run has its generator logged
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -89,15 +96,46 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ[key] = old
 
 
-def log_final_generator(tracker: Tracker, checkpoint: Path | None, out_dir: Path) -> Path | None:
+def _log_model(client: Any, run_id: str, exported: Path, metadata: dict[str, str], uri: str, step: int) -> str:
+    """Log the pyfunc model around `exported` as the logged model `generator` of run `run_id` at `step`; link the
+    run's latest evaluation results to it; return its model id."""
+    from mlflow.entities import Metric
+    from mlflow.models import Model
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    # Created here, in the run's experiment (Model.log would pick the process's default experiment), then filled
+    # by Model.log (what pyfunc.log_model calls, without its run_id), which talks to the global tracking URI: this
+    # run's store, for this call only.
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
+                                       params=dict(run.data.params), model_type="generator")
+    with _use_tracking_uri(uri), warnings.catch_warnings(), _no_progress_bar():
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        info = Model.log(None, name=ARTIFACT_PATH, flavor=mlflow.pyfunc, flavor_name="pyfunc.ModelFromCode",
+                         model_id=model.model_id, run_id=run_id, step=step, python_model=str(CODE),
+                         artifacts={"generator": str(exported)},
+                         signature=signature(metadata), metadata={"rgan": metadata},
+                         pip_requirements=["rgan-dist", "torch", "safetensors", "numpy"])
+    # Model.log linked the metrics of `step`; the last evaluation may be older (eval.every does not divide
+    # train.steps): its values are the model's too
+    latest = [client.get_metric_history(run_id, k)[-1:] for k in run.data.metrics if k.startswith("eval/")]
+    older = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id, run_id=run_id)
+             for ms in latest for m in ms if m.step != step]
+    if older:
+        client.log_batch(run_id, metrics=older, synchronous=True)
+    return info.model_id
+
+
+def log_final_generator(tracker: Tracker, checkpoint: Path | None, out_dir: Path, step: int = 0) -> Path | None:
     """Export the generator of `checkpoint` to `<out_dir>/generator/G.safetensors`, wrap it as a pyfunc model
-    and log that under `generator` in `tracker`'s MLflow run. Only an MLflow tracker that still works (rank 0,
-    tracking enabled) does anything; returns the model folder or None. A failure here is one warning line:
-    the run itself has finished by now."""
+    and log that as the logged model `generator` of `tracker`'s MLflow run at `step` (the run's final step).
+    Only an MLflow tracker that still works (rank 0, tracking enabled) does anything; returns the local model
+    folder or None. A failure here is one warning line: the run itself has finished by now."""
     from rgan_dist.tracking import MlflowTracker
 
-    if not isinstance(tracker, MlflowTracker) or tracker.failed or checkpoint is None:
-        return None
+    if not isinstance(tracker, MlflowTracker) or tracker.failed or checkpoint is None or tracker in _LOGGED:
+        return None  # (a sweep trial logs it before its last report; `train()` may come to it again)
+    _LOGGED.add(tracker)
     from rgan_dist.export import export_generator, load_trained
 
     folder = out_dir / EXPORT_DIR
@@ -109,8 +147,17 @@ def log_final_generator(tracker: Tracker, checkpoint: Path | None, out_dir: Path
         print(f"rgan: warning: could not log the final generator to MLflow ({type(e).__name__}: {e})",
               file=sys.stderr, flush=True)
         return None
-    for f in sorted(p for p in final.rglob("*") if p.is_file()):
-        rel = f.parent.relative_to(final)
-        tracker.log_artifact(f, ARTIFACT_PATH if str(rel) == "." else f"{ARTIFACT_PATH}/{rel.as_posix()}")
-    tracker.set_tags({"rgan.generator_model": f"runs:/{tracker.run_id}/{ARTIFACT_PATH}"})
+    metadata, uri = dict(trained.metadata), tracker.uri
+
+    def log(client: Any, run_id: str) -> None:
+        try:
+            model_id = _log_model(client, run_id, exported, metadata, uri, int(step))
+        except Exception as e:  # the run's metrics and files are in; only the model is missing
+            print(f"rgan: warning: could not log the final generator to MLflow ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+            return
+        client.set_tag(run_id, "rgan.generator_model", f"runs:/{run_id}/{ARTIFACT_PATH}")
+        client.set_tag(run_id, "rgan.generator_model_id", model_id)
+
+    tracker.submit(log)
     return final

@@ -11,9 +11,11 @@ call (the JSONL file still has every metric), instead of retrying for minutes on
 HTTP retries are bounded too (`bound_http_retries`), so even the failing call costs seconds.
 
 What MLflow's UI shows is shaped here, in one place: metric names grouped as `train/...` and `eval/...`
-(`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids as `log_image(key="samples")`
-(the run page's image slider), system metrics (CPU, RAM, disk, network, GPU) sampled by MLflow's own monitor
-on rank 0, and a run description plus dataset tags (`run_tags`).
+(`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids on the image cards' step slider
+and as plain files under `samples/` (the Artifacts tab), system metrics (CPU, RAM, disk, network, GPU) sampled by
+MLflow's own monitor on rank 0, a run description plus dataset tags (`run_tags`), the training data as an MLflow
+dataset input (the Dataset column), and experiments of the model-training kind (`mlflow_view` says what the UI
+needs of each).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import platform
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -64,6 +67,7 @@ EVAL_METRICS = frozenset({"fid", "kid", "kid_std", "modes", "modes_kl", "modes_s
 ELAPSED = "eval/elapsed_s"
 
 
+
 def mlflow_name(key: str) -> str:
     """The MLflow name of metric `key`: `eval/<key>` for evaluation results, `train/<key>` for the rest; a
     name that already has a group (`system/...`, `sweep/...`) is kept. The only place the grouping is decided:
@@ -77,13 +81,18 @@ def experiment_id(client: Any, name: str, artifact_root: str | Path | None) -> s
     """The id of MLflow experiment `name`, created (artifacts under `artifact_root/name`, a folder or a URL
     such as s3://bucket/mlruns) if missing; safe when another job creates it between our look-up and our
     create."""
+    from rgan_dist.mlflow_view import EXPERIMENT_KIND
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made before the kind was set, or by hand
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     root = str(artifact_root or "")
     location = (f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)) if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -100,6 +109,10 @@ def metric_history(client: Any, run_id: str, key: str) -> list[Any]:
 class Tracker:
     """Does nothing: the tracker of every rank but 0, and of runs with tracking disabled."""
 
+    # Whether `log_image` feeds an image slider that opens on step 0 (MLflow 3.17's image cards do, and the UI
+    # alone decides it): the loop then logs the untrained generator's grid at step 0, so the slider opens on a grid.
+    slider_starts_at_zero = False
+
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
@@ -111,7 +124,8 @@ class Tracker:
         pass
 
     def log_image(self, path: str | Path, key: str, step: int) -> None:
-        """An image file shown under `key` at `step` (MLflow's image slider); the file stays where it is."""
+        """An image file shown under `key` at `step` (MLflow's image slider) and kept as the artifact `key/<name>`;
+        the file stays where it is."""
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
@@ -327,6 +341,8 @@ class MlflowTracker(JsonlTracker):
     """One MLflow run for the whole job, fed from a worker thread; every metric also goes to the JSONL
     file first (module docstring says why)."""
 
+    slider_starts_at_zero = True
+
     def __init__(self, cfg: Config, *, tags: dict[str, str] | None = None, jsonl_path: str | Path | None = None,
                  start_timeout_s: float = 30.0) -> None:
         super().__init__(jsonl_path or cfg.out_dir / "metrics.jsonl")
@@ -396,13 +412,20 @@ class MlflowTracker(JsonlTracker):
         local, ms = Path(path), int(time.time() * 1000)
 
         def send() -> None:
-            from PIL import Image
+            from rgan_dist.mlflow_view import image_card_files
 
-            with Image.open(local) as image:
-                image.load()
-                self._client.log_image(self.run_id, image, key=key, step=int(step), timestamp=ms, synchronous=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                for file in image_card_files(local, key, step, ms, Path(tmp)):
+                    self._client.log_artifact(self.run_id, str(file), "images")
+            self._client.set_tag(self.run_id, "mlflow.loggedImages", "True", synchronous=True)
+            self._client.log_artifact(self.run_id, str(local), key)  # the file itself: the Artifacts tab previews it
 
         self._enqueue(send)
+
+    def submit(self, fn: Callable[[Any, str], None]) -> None:
+        """Run `fn(client, run_id)` on the worker thread, in order with everything logged before it: for MLflow
+        calls this class has no method for (the final generator as a logged model, rgan_dist.mlflow_model)."""
+        self._enqueue(lambda: fn(self._client, self.run_id))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = {k: str(v) for k, v in tags.items()}
@@ -480,13 +503,23 @@ class MlflowTracker(JsonlTracker):
             self.run_id = run.info.run_id
         self._run_start = self._client.get_run(self.run_id).info.start_time / 1000.0
         self._set_tags(tags)
+        if previous is None and "rgan.dataset" in tags:
+            from rgan_dist.mlflow_view import dataset_input
+
+            self._client.log_inputs(self.run_id, datasets=[dataset_input(tags)])
         if self.cfg.tracking.system_metrics:
             self._start_monitor(resume=previous is not None, cuda=tags.get("rgan.device", "").startswith("cuda"))
         record = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment_id": exp_id}
         self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.out_dir / RUN_FILE).write_text(json.dumps(record) + "\n")
-        where = f": {self.uri.rstrip('/')}/#/experiments/{exp_id}/runs/{self.run_id}" \
-            if self.uri.startswith(("http://", "https://")) else f" in experiment {self.experiment!r}"
+        from rgan_dist.mlflow_view import ui_link
+
+        # the run page in MLflow's model-training view (mlflow_view.EXPERIMENT_KIND says why); a local store's
+        # link assumes `mlflow ui` on its default port, 5000
+        link = ui_link(self.uri if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000",
+                       exp_id, self.run_id)
+        where = f": {link}" if self.uri.startswith(("http://", "https://")) else \
+            f" in experiment {self.experiment!r} (`mlflow ui`: {link})"
         print(f"rgan: MLflow run {self.run_id}{' (continued)' if previous else ''}{where}", flush=True)
         self._started.set()
 

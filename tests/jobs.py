@@ -108,4 +108,5 @@ def image_steps(files: set[str], key: str) -> list[int]:
     """Steps of the full-size images `log_image(key=..., step=...)` stored as
     `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (beside a `+compressed.webp` thumbnail)."""
     prefix = f"images/{key}+step+"
-    return sorted(int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png"))
+    return sorted(int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")
+                  and "+compressed" not in f)

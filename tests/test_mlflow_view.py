@@ -86,8 +86,15 @@ def test_a_run_reads_at_a_glance_in_mlflow(tmp_path, capfd):
     (run,) = client.search_runs([client.get_experiment_by_name("glance").experiment_id])
     rid, tags, metrics = run.info.run_id, run.data.tags, run.data.metrics
 
-    # sample grids on the image slider: one per sample step, under the key "samples"
-    assert image_steps(_artifacts(client, rid), "samples") == [2, 4, 6]
+    # sample grids on the image card: one per sample step and the untrained G's at step 0 (where 3.17's slider
+    # opens), under the key "samples"; the card shows the grid itself; the same files under samples/
+    files = _artifacts(client, rid)
+    assert image_steps(files, "samples") == [0, 2, 4, 6]
+    assert {f"samples/step_{s:07d}.png" for s in (0, 2, 4, 6)} <= files
+    card = sorted(f for f in files if f.startswith("images/samples+step+6+"))
+    assert len(card) == 2 and card[0].endswith("+compressed.png")
+    assert Image.open(client.download_artifacts(rid, card[0], str(tmp_path))).size == \
+        Image.open(cfg.out_dir / "samples" / "step_0000006.png").size
     assert tags.get("mlflow.loggedImages") == "True"
 
     # system metrics, sampled while the run was open (rank 0's tracker is the only one that samples)

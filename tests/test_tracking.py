@@ -117,7 +117,8 @@ def _image_steps(files: set[str], key: str) -> list[int]:
     """The steps of the full-size images `MlflowClient.log_image(key=key, step=...)` stored: it writes
     `images/<key>+step+<step>+timestamp+<ms>+<uuid>.png` (and a `+compressed.webp` thumbnail) per call."""
     prefix = f"images/{key.replace('/', '~')}+step+"
-    return [int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")]
+    return [int(f[len(prefix):].split("+")[0]) for f in files if f.startswith(prefix) and f.endswith(".png")
+            and "+compressed" not in f]
 
 
 def _git_head() -> str | None:
@@ -166,7 +167,8 @@ def test_run_on_a_real_server_holds_params_metrics_fid_samples_and_config(tmp_pa
     files = set(_artifacts(client, run.info.run_id))
     assert {"config.yaml", "fid/step_0000003.json", "fid/step_0000006.json", "checkpoints/best.pt",
             "checkpoints/ckpt-00000006.pt"} <= files
-    assert sorted(_image_steps(files, "samples")) == [3, 6]  # sample grids through log_image (the slider)
+    assert sorted(_image_steps(files, "samples")) == [0, 3, 6]  # the grids on the image card (it opens on step 0)
+    assert {"samples/step_0000000.png", "samples/step_0000003.png", "samples/step_0000006.png"} <= files
     assert any(f.startswith("fid/fid-stats_") and f.endswith("_n8.npz") for f in files)  # reference stats
     got = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl")))
     assert got.read_text() == dump_config(cfg)

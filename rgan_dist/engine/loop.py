@@ -142,6 +142,8 @@ class Trainer:
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         stopped = False
+        if self.step == 0 and t.sample_every and self.tracker.slider_starts_at_zero:
+            self.save_samples()  # the untrained G's grid: where MLflow's image slider opens
         try:
             while self.step < t.steps:
                 self.grad_norms.wanted = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
@@ -297,7 +299,7 @@ def train(cfg: Config, strategy: Strategy | None = None, *, callbacks: Sequence[
         if s.is_main and cfg.tracking.enabled:  # the final G as an MLflow model (rgan_dist.mlflow_model)
             from rgan_dist.mlflow_model import log_final_generator
 
-            log_final_generator(trainer.tracker, result.checkpoint, trainer.cfg.out_dir)
+            log_final_generator(trainer.tracker, result.checkpoint, trainer.cfg.out_dir, result.step)
         return result
     except SystemExit as e:
         if e.code in (0, None):

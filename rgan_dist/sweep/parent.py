@@ -31,6 +31,7 @@ class ParentRun:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment = spec.base_config.tracking.experiment
+        self.sweep = spec.name
         self.state = spec.out_path / STATE_FILE
         self.experiment_id = exp_id = experiment_id(self.client, self.experiment, artifact_root)
         previous = self._previous() if resume else None
@@ -77,6 +78,19 @@ class ParentRun:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
                                        max_results=10_000)
 
+    def _mark_best_model(self, best: TrialRow) -> None:
+        """Tag the best trial's run and its logged generator (`rgan.sweep.best` = the sweep's name), so the
+        experiment's Models tab and the runs table say which model won. A trial stopped early has no model."""
+        from rgan_dist.mlflow_model import BEST_TAG
+
+        if not best.mlflow_run_id:
+            return
+        run = self.client.get_run(best.mlflow_run_id)
+        self.client.set_tag(best.mlflow_run_id, BEST_TAG, self.sweep)
+        model_id = run.data.tags.get("rgan.generator_model_id")
+        if model_id:
+            self.client.set_logged_model_tags(model_id, {BEST_TAG: self.sweep})
+
     def finish(self, rows: list[TrialRow], files: list[Path], status: str) -> None:
         """Tag each child with its outcome, close children a killed process left RUNNING, log the table."""
         by_trial = {r.trial_id: r for r in rows}
@@ -96,6 +110,7 @@ class ParentRun:
             best = min((r for r in rows if r.best_fid in finite), key=lambda r: r.best_fid)
             self.client.set_tag(self.run_id, "rgan.sweep.best_trial", best.trial_id)
             self.client.set_tag(self.run_id, "rgan.sweep.best_run", best.name)
+            self._mark_best_model(best)
         self.client.log_metric(self.run_id, "sweep/trials", len(rows))
         for path in files:
             self.client.log_artifact(self.run_id, str(path))

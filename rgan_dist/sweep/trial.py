@@ -234,6 +234,10 @@ class TrialHooks(Callback):
             if path is not None:
                 self.tracker.log_checkpoint(path, "final")
             self.tracker.log_checkpoint(trainer.ckpt.dir / "best.pt", "best")
+            if path is not None:  # the final G as a logged model, as `rgan train` logs it (rgan_dist.mlflow_model)
+                from rgan_dist.mlflow_model import log_final_generator
+
+                log_final_generator(self.tracker, path, self.cfg.out_dir, trainer.step)
             self.tracker.set_tags({"rgan.sweep.outcome": "completed"})
         flush = getattr(self.tracker, "flush", None)
         if flush is not None:
