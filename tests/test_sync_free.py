@@ -18,6 +18,7 @@ from dist_worker import nan_step_is_skipped, no_host_reads, sync_free_steps
 from jobs import ok, run_job
 
 from rgan_dist import losses
+from rgan_dist.checkpoint import digest_path
 from rgan_dist.config import load_config
 from rgan_dist.deepspeed_config import deepspeed_settings
 from rgan_dist.engine.loop import Trainer, TrainingDiverged
@@ -99,6 +100,7 @@ def test_a_checkpoint_from_before_fused_adam_resumes_sync_free(tmp_path):
         for group in state["model"][key]["param_groups"]:
             group["fused"] = None
     torch.save(state, path)
+    digest_path(path).unlink()  # a checkpoint from before fused Adam predates digests too
     t = trainer(tmp_path, "train.steps=9", f"checkpoint.resume={path}")
     assert t.step == 1 and all(g["fused"] for o in t.strategy.opt.values() for g in o.param_groups)
     sync_free_steps(t)
