@@ -284,6 +284,7 @@ class BatchIterator:
         self._it: Iterator[Any] | None = None
         self._ring_views: dict[tuple[int, int], torch.Tensor] = {}
         self.resolution = plan.resolution
+        self.stored_resolution: int | None = None  # the images' side as stored (manifest), when known
 
     @property
     def batches_per_epoch(self) -> int:
@@ -472,7 +473,7 @@ def make_batch_iterator(
     )
     dev = torch.device(device) if device is not None else None
     pin = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
-    return BatchIterator(
+    it = BatchIterator(
         plan,
         workers=workers,
         start=start_epoch * bpe + start_batch,
@@ -480,6 +481,8 @@ def make_batch_iterator(
         pin=pin,
         prefetch=prefetch,
     )
+    it.stored_resolution = shards.resolution  # the manifest's (None: unknown): a caller says when it resizes
+    return it
 
 
 def _probe_resolution(shards: ShardSet) -> int:
