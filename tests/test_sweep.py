@@ -211,6 +211,29 @@ def test_trial_config_groups_labels_and_hooks():
         FaultOnce("kill@3", "ab12c_00007", Path("/nonexistent"))
 
 
+def test_tunes_progress_table_shows_a_groups_label():
+    """Issue 19: the progress table's "setup" column showed a dict cut to 20 characters. The table is Tune's
+    own (`_get_trial_info`): what it prints for each trial of the smoke sweep, resolved by Tune's variant
+    generator as in a run, is the group's label, and the trial still reads the group's keys."""
+    import copy
+    import pickle
+
+    from ray.tune.experimental.output import _infer_params, _max_len
+    from ray.tune.search.variant_generator import generate_variants
+
+    from rgan_dist.sweep.space import param_space
+
+    space = param_space(load_sweep(SWEEPS / "smoke.yaml"))
+    assert sorted(_infer_params(space)) == ["loss.name", "setup"]
+    trials = [config for _, config in generate_variants(space)]
+    shown = sorted((_max_len(c["loss.name"]), _max_len(c["setup"])) for c in trials)
+    assert shown == [("rasgan", "lr-1e-6"), ("rasgan", "lr-5e-2"), ("rsgan", "lr-1e-6"), ("rsgan", "lr-5e-2")]
+    for config in trials:
+        for held in (config, copy.deepcopy(config), pickle.loads(pickle.dumps(config))):  # as Tune stores it
+            assert str(held["setup"]) in ("lr-5e-2", "lr-1e-6")
+            assert set(trial_overrides(held)) == {"loss.name", "train.lr_g", "train.lr_d"}
+
+
 def test_schedulers_use_generator_steps(tmp_path):
     asha = make_scheduler(load_sweep(SWEEPS / "smoke.yaml"))
     assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("step", 20, 2)
