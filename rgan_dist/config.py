@@ -220,8 +220,16 @@ class Config:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.out_dir / "checkpoints"
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, as_given: bool = False) -> dict[str, dict[str, Any]]:
+        """The sections as plain data, with every value resolved (what checkpoints, MLflow and `--print-config`
+        store). `as_given=True` keeps what was resolved from other keys as it was asked for (`model.channels:
+        auto`): the form to derive another config from (`config_from_dict(cfg.to_dict(as_given=True),
+        values=...)`, as sweeps and estimates do), so a derived config that changes `data.shards` resolves
+        its channels from its own data, not from the base's."""
+        out = dataclasses.asdict(self)
+        if as_given and getattr(self.model, "_channels_given", None) == AUTO:
+            out["model"]["channels"] = AUTO
+        return out
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the shape MLflow params and sweep spaces use."""
@@ -452,6 +460,7 @@ def _resolve_channels(cfg: Config) -> None:
     have = spec_channels(cfg.data.shards)
     m = cfg.model
     if m.channels == AUTO:
+        m._channels_given = AUTO  # type: ignore[attr-defined]  # for to_dict(as_given=True); not a field
         m.channels = have
     elif m.channels == 1 and have == 3:
         raise ConfigError(f"model.channels=1 but data.shards={cfg.data.shards!r} holds RGB images (3 channels; "

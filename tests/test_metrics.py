@@ -598,3 +598,22 @@ def test_cli_prints_values_and_provenance(tiny, clean_env, tmp_path, capsys):
     few = parser.parse_args([str(a), str(a), "--num-samples", "1"])
     with pytest.raises(UsageError, match="at least 2"):
         run_fid(few)
+
+
+def test_no_cursor_escapes_in_a_log_file(capfd):
+    """Issue 19: `[A` fragments (tqdm's cursor-up, from the nested feature bar under the training bar) stood in
+    front of the FID lines of a log file. With stderr not a terminal, the training bar and a feature pass
+    together write no escape sequence."""
+    from rgan_dist.engine.hooks import progress_bar
+    from rgan_dist.metrics.features import _progress
+
+    outer = progress_bar(4, 0, enabled=True)
+    for _ in range(2):
+        inner = _progress(8, "fid", enabled=True)
+        for _ in range(8):
+            inner.update(1)
+        inner.close()
+        outer.update(1)
+    outer.close()
+    err = capfd.readouterr().err
+    assert "0/4" in err and "\x1b[" not in err, repr(err[-500:])  # the training bar stays, without escapes

@@ -78,3 +78,27 @@ def test_no_resize_line_when_the_sizes_agree(tmp_path, capsys):
             "data.workers=0", "tracking.enabled=false", f"run.out_dir={tmp_path}/run"]
     assert main(argv) == 0
     assert "resized" not in capsys.readouterr().out
+
+
+def test_configs_derived_from_a_resolved_one_resolve_their_own_data(rgb_shards, tmp_path):
+    """A sweep derives every config from a resolved base (`config_from_dict(base.to_dict(...), values)`): the
+    base's auto channels (1, from the default sklearn:digits) must not become an explicit 1 that refuses the
+    sweep's own RGB shards (it did: `rgan sweep` over demo.yaml + data.shards=<RGB> exited 2)."""
+    import yaml
+
+    from rgan_dist.config import config_from_dict, dump_config
+    from rgan_dist.sweep import load_sweep
+
+    base = load_config(DEMO)
+    assert base.model.channels == 1 and base.to_dict()["model"]["channels"] == 1  # stored resolved
+    derived = config_from_dict(base.to_dict(as_given=True), values={"data.shards": str(rgb_shards)})
+    assert derived.model.channels == 3
+    assert yaml.safe_load(dump_config(derived))["model"]["channels"] == 3  # checkpoints/MLflow: the number
+    explicit = load_config(DEMO, ["model.channels=3"])
+    assert config_from_dict(explicit.to_dict(as_given=True)).model.channels == 3  # an explicit value stays
+
+    sweep = tmp_path / "own.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "own", "base": str(DEMO), "overrides": {"data.shards": str(rgb_shards),
+                                                                                    "eval.every": 10},
+                                     "space": {"loss.name": {"grid": ["rsgan", "rasgan"]}}}))
+    assert load_sweep(sweep).base_config.model.channels == 3

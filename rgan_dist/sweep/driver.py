@@ -132,7 +132,7 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
             print(f"rgan sweep: warning: MLflow at {uri} failed ({type(e).__name__}: {e}); trials still log to "
                   f"their metrics.jsonl", file=sys.stderr, flush=True)
     res = spec.resources
-    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(), out_dir=spec.out_dir, mlflow_uri=uri,
+    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(as_given=True), out_dir=spec.out_dir, mlflow_uri=uri,
                        experiment=cfg.tracking.experiment, parent_run_id=parent.run_id if parent else None,
                        paper=spec.paper, workers=res.workers, cpus_per_worker=res.cpus_per_worker,
                        gpus_per_worker=res.gpus_per_worker, max_failures=spec.max_failures,
