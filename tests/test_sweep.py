@@ -538,3 +538,34 @@ def test_with_an_object_store_as_storage_the_table_is_copied_beside_the_experime
     assert copy_to_storage(files, spec) == [f"file://{tmp_path}/store/smoke/{f.name}" for f in files]
     assert (tmp_path / "store" / "smoke" / "results.md").read_text() == (tmp_path / "o" / "results.md").read_text()
     assert copy_to_storage(files, load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path / 'shared'}"])) == []
+
+
+def test_the_final_table_waits_for_the_trials_output_to_stop():
+    """Issue 19: trial lines kept arriving after the final table. Ray hands the driver the workers' output in
+    batches through its dispatcher; `TrialOutput.settle` returns only after they have stopped for `quiet_s`."""
+    import threading
+    import time
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from rgan_dist.sweep.driver import TrialOutput
+
+    output = TrialOutput(quiet_s=0.5, limit_s=10.0).start()
+    sent: list[float] = []
+
+    def trial_lines() -> None:  # a trial still printing for 1.5 s after the sweep "returned"
+        for _ in range(6):
+            time.sleep(0.25)
+            sent.append(time.monotonic())
+            dispatcher.emit({"lines": ["(trial pid=1) rgan: step 20"], "pid": 1, "ip": "x", "is_err": False})
+
+    thread = threading.Thread(target=trial_lines)
+    thread.start()
+    output.settle()
+    done = time.monotonic()
+    thread.join()
+    assert len(sent) == 6 and done >= sent[-1] + 0.5, (done, sent)
+    assert all(name != TrialOutput.NAME for name, _ in dispatcher.handlers)  # stopped listening
+    t0 = time.monotonic()
+    TrialOutput(quiet_s=5.0, limit_s=10.0).start().settle(0.0)  # Ctrl-C: no wait
+    assert time.monotonic() - t0 < 0.5
