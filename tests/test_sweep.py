@@ -569,3 +569,22 @@ def test_the_final_table_waits_for_the_trials_output_to_stop():
     t0 = time.monotonic()
     TrialOutput(quiet_s=5.0, limit_s=10.0).start().settle(0.0)  # Ctrl-C: no wait
     assert time.monotonic() - t0 < 0.5
+
+
+def test_a_sweep_with_a_dead_trial_does_not_exit_0_silently():
+    """Issue 19: a Ray worker died (SIGABRT) and the sweep exited 0 without a word. Now any trial that ended
+    without a result fails the sweep (exit 1, one line naming them); a trial Tune retried to the end is said."""
+    from launcher.sweep import outcome_summary
+    from rgan_dist.sweep import TrialRow
+
+    def row(name, outcome, restored=0, error=""):
+        return TrialRow(trial_id=name, name=name, params={}, overrides={}, best_fid=1.0, final_fid=1.0, step=20,
+                        outcome=outcome, restored_from_step=restored, error=error)
+
+    assert outcome_summary([row("a", "completed"), row("b", "stopped early")]) == ([], 0)
+    lines, code = outcome_summary([row("a", "completed", restored=10), row("b", "completed")])
+    assert code == 0 and lines == ["rgan sweep: trial a failed and was retried from its checkpoint at step 10; it "
+                                   "ended completed"]
+    lines, code = outcome_summary([row("a", "completed"), row("b", "error", error="RayActorError: died\nmore")])
+    assert code == 1 and lines == ["rgan sweep: error: 1 of 2 trial(s) ended without a result (b); first: error: "
+                                   "RayActorError: died"]
