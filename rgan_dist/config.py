@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from rgan_dist.deepspeed_config import deepspeed_settings
+from rgan_dist.deepspeed_config import AUTO, deepspeed_settings
 from rgan_dist.errors import ConfigError
 from rgan_dist.r3gan_layout import r3gan_layout
 
