@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -259,6 +260,19 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is PIL's; torch threads in workers only oversubscribe cores
 
 
+def worker_start_method() -> str | None:
+    """How DataLoader workers start: forked (the default, None), except in a process that runs Ray.
+
+    A Ray worker (a sweep's trial) runs gRPC and abseil threads; a child forked from it inherits their locks in
+    whatever state they were, and gRPC's fork handlers then abort it with abseil's "Mutex corrupt" check
+    (SIGABRT, "Fatal Python error: Aborted"; grpc/grpc#32992, grpc/grpc#32758: a torch DataLoader forked
+    after gRPC started). "forkserver" forks the workers from a fresh single-threaded server process instead.
+    Ray is looked up, never imported: the data pipeline does not depend on it."""
+    ray = sys.modules.get("ray")
+    is_initialized = getattr(ray, "is_initialized", None)
+    return "forkserver" if callable(is_initialized) and is_initialized() else None
+
+
 class BatchIterator:
     """Infinite iterator of uint8 [B, 3, R, R] CPU tensors (pinned when the device is CUDA).
 
@@ -284,6 +298,7 @@ class BatchIterator:
         self._it: Iterator[Any] | None = None
         self._ring_views: dict[tuple[int, int], torch.Tensor] = {}
         self.resolution = plan.resolution
+        self.stored_resolution: int | None = None  # the images' side as stored (manifest), when known
 
     @property
     def batches_per_epoch(self) -> int:
@@ -342,6 +357,7 @@ class BatchIterator:
                 pin_memory=self._pin,
                 prefetch_factor=self._prefetch if self._workers else None,
                 worker_init_fn=_worker_init if self._workers else None,
+                multiprocessing_context=worker_start_method() if self._workers else None,
             )
             self._it = iter(loader)
         item = next(self._it)
@@ -472,7 +488,7 @@ def make_batch_iterator(
     )
     dev = torch.device(device) if device is not None else None
     pin = dev is not None and dev.type == "cuda" and torch.cuda.is_available()
-    return BatchIterator(
+    it = BatchIterator(
         plan,
         workers=workers,
         start=start_epoch * bpe + start_batch,
@@ -480,6 +496,8 @@ def make_batch_iterator(
         pin=pin,
         prefetch=prefetch,
     )
+    it.stored_resolution = shards.resolution  # the manifest's (None: unknown): a caller says when it resizes
+    return it
 
 
 def _probe_resolution(shards: ShardSet) -> int:

@@ -23,6 +23,12 @@ DIGITS = "sklearn:digits"
 STACKED_DIGITS = "sklearn:stacked-digits"
 STACKED_DEFAULT_COUNT = 10_000  # 10 images per mode on average; the set is drawn, not enumerated
 STACKED_MODES = 1000
+# What the images of each kind of source are. Shard sets hold RGB: the writer converts every input to RGB
+# (`images.to_rgb`: greyscale is repeated, alpha composited) and the reader decodes RGB; the manifest
+# records it as `channels`. scikit-learn's digits are greyscale; Stacked-Digits put one digit on each of
+# R, G and B.
+SHARD_CHANNELS = 3
+SOURCE_CHANNELS = {DIGITS: 1, STACKED_DIGITS: 3}
 _COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
 
 
@@ -282,3 +288,12 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
         images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         _digits = (images, np.asarray(bunch.target))
     return _digits
+
+
+def spec_channels(spec: str) -> int:
+    """How many channels the images of a training data spec (`data.shards`) really have: 1 for the embedded
+    greyscale `sklearn:digits`, 3 for Stacked-Digits and for every shard set (the writer stores RGB).
+
+    Read from the spec alone, without opening anything, so a config is resolved and checked before any
+    run folder, process group or MLflow run exists, and a remote manifest is not fetched twice."""
+    return SOURCE_CHANNELS.get(str(spec).strip(), SHARD_CHANNELS)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from data_pipeline.errors import DataError
 from data_pipeline.images import FITS, FORMATS, BadImage, _why, encode, prepare
-from data_pipeline.sources import Item, check_sources, item_label, list_sources, read_item
+from data_pipeline.sources import SHARD_CHANNELS, Item, check_sources, item_label, list_sources, read_item
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -151,6 +151,7 @@ def write_shards(
         "name": name,
         "num_samples": sum(s["num_samples"] for s in shards),
         "resolution": opts.resolution,
+        "channels": SHARD_CHANNELS,
         "format": opts.fmt,
         "quality": opts.quality,
         "jpeg_subsampling": ("4:4:4" if opts.quality >= 90 else "4:2:0") if opts.fmt == "jpg" else None,

@@ -53,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_result(r: dict[str, Any]) -> str:
+    from rgan_dist.metrics.fid import kid_spread
+
     which = "EMA generator" if r["ema"] else "generator"
     lines = [f"checkpoint {r['checkpoint']} (step {r['step']}, {which}, seed {r['seed']})",
              f"FID      {r['fid']:.4f}" + ("  (covariance eps fix-up applied)" if r["fid_fixup"] else "")]
     if r.get("kid") is not None:
-        lines.append(f"KID      {r['kid']:.6f} +- {r['kid_std']:.6f}")
+        lines.append(f"KID      {r['kid']:.6f}{kid_spread(r, 6)}")
     known = f" ({r['network_known_as']})" if r.get("network_known_as") else ""
     lines += [f"N        {r['n_a']} generated vs {r['n_b']} real images of {r['data']}",
               f"network  {r['network_source']}: {r['network_path']}{known}",

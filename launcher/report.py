@@ -13,10 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rgan_dist.report import markdown_table, write_report
+    from rgan_dist.report import header, markdown_table, write_report
 
     out = args.out or f"report-{args.experiment}"
     paths, runs = write_report(args.experiment, out, args.tracking_uri)
+    print(header(args.experiment, runs).replace("\n\n", "\n") + "\n")
     print(markdown_table(runs))
     print(f"\nrgan report: {paths['markdown']}, {paths['fid_vs_step']}, {paths['fid_vs_time']}")
     return 0

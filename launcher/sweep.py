@@ -62,8 +62,25 @@ def run(args: argparse.Namespace) -> int:
     if result.parent_run_id:
         print(f"rgan sweep: MLflow parent run {result.parent_run_id}; compare the trials with: "
               f"rgan report --experiment {spec.base_config.tracking.experiment}")
-    failed = [r for r in result.rows if r.outcome in ("error", "no report")]
-    return 1 if result.rows and len(failed) == len(result.rows) else 0
+    lines, code = outcome_summary(result.rows)
+    for line in lines:
+        print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def outcome_summary(rows: list) -> tuple[list[str], int]:
+    """What went wrong in a sweep, said after its table, and the exit code: 1 when any trial ended without a
+    result (error, or no report at all; a worker that died and was not retried ends so), 0 otherwise. A trial
+    that failed and that Tune retried from its checkpoint to the end is said, but is no failure."""
+    lines = [f"rgan sweep: trial {r.name} failed and was retried from its checkpoint at step {r.restored_from_step}; "
+             f"it ended {r.outcome}" for r in rows if r.restored_from_step and r.outcome not in ("error", "no report")]
+    failed = [r for r in rows if r.outcome in ("error", "no report")]
+    if failed:
+        first = next((r for r in failed if r.error), failed[0])
+        lines.append(f"rgan sweep: error: {len(failed)} of {len(rows)} trial(s) ended without a result ("
+                     f"{', '.join(r.name for r in failed)}); first: {first.outcome}"
+                     f"{': ' + first.error.splitlines()[0][:200] if first.error else ''}")
+    return lines, 1 if failed else 0
 
 
 def _print_estimate(spec, args: argparse.Namespace) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from rgan_dist.deepspeed_config import deepspeed_settings
+from rgan_dist.deepspeed_config import AUTO, deepspeed_settings
 from rgan_dist.errors import ConfigError
 from rgan_dist.r3gan_layout import r3gan_layout
 
@@ -68,7 +68,9 @@ class ModelConfig:
     arch: str = _f("dcgan", "Architecture pair.", choices=MODEL_ARCHS)
     resolution: int = _f(64, "Image side in pixels (dcgan: power of two 16..1024; cnn32: 32; r3gan: power of two "
                          "8..1024).", min=8, max=1024)
-    channels: int = _f(3, "Image channels produced by G and read by D.", choices=(1, 3))
+    channels: int | str = _f("auto", "Image channels produced by G and read by D; auto: what data.shards holds "
+                             "(shard sets are RGB: 3; sklearn:digits is greyscale: 1). 3 on greyscale data repeats "
+                             "the grey; 1 on RGB data is refused.", choices=("auto", 1, 3))
     z_dim: int = _f(128, "Latent size; z ~ N(0, I).", min=1)
     width: int = _f(64, "Base channel width (paper: 64 at 64^2/128^2, 32 at 256^2).", min=1)
     max_width: int = _f(1024, "Cap on any layer's channels, so 1024^2 models stay finite.", min=1)
@@ -218,8 +220,16 @@ class Config:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.out_dir / "checkpoints"
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, as_given: bool = False) -> dict[str, dict[str, Any]]:
+        """The sections as plain data, with every value resolved (what checkpoints, MLflow and `--print-config`
+        store). `as_given=True` keeps what was resolved from other keys as it was asked for (`model.channels:
+        auto`): the form to derive another config from (`config_from_dict(cfg.to_dict(as_given=True),
+        values=...)`, as sweeps and estimates do), so a derived config that changes `data.shards` resolves
+        its channels from its own data, not from the base's."""
+        out = dataclasses.asdict(self)
+        if as_given and getattr(self.model, "_channels_given", None) == AUTO:
+            out["model"]["channels"] = AUTO
+        return out
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the shape MLflow params and sweep spaces use."""
@@ -382,6 +392,8 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         if key == "train.betas" and (len(out) != 2 or not all(0.0 <= b < 1.0 for b in out)):
             raise ConfigError(f"{key}={value!r}: expected two numbers in [0, 1), e.g. [0.5, 0.999]")
         return out
+    if key == "model.channels" and value == AUTO:  # int | "auto": resolved from the data (_resolve_channels)
+        return value
     if origin in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if key == "train.compile" and isinstance(value, bool):  # the key was a bool before it had modes
@@ -436,8 +448,28 @@ def _scalar(key: str, value: Any, typ: type) -> Any:
     raise TypeError(f"unsupported config type {typ} for {key}")
 
 
+def _resolve_channels(cfg: Config) -> None:
+    """`model.channels`: "auto" becomes what the data holds; an explicit value that would drop colour is refused.
+
+    The one place the channel count is decided: every Config comes through `config_from_dict`, so models,
+    export, FID, samples, estimates and sweep trials all see a concrete int, and a contradiction is one line
+    before any run folder, process group or MLflow run exists (`--dry-run` too). Greyscale data with
+    channels 3 is accepted: the grey is repeated, exactly what `rgan shards` stores for greyscale inputs."""
+    from data_pipeline.sources import spec_channels
+
+    have = spec_channels(cfg.data.shards)
+    m = cfg.model
+    if m.channels == AUTO:
+        m._channels_given = AUTO  # type: ignore[attr-defined]  # for to_dict(as_given=True); not a field
+        m.channels = have
+    elif m.channels == 1 and have == 3:
+        raise ConfigError(f"model.channels=1 but data.shards={cfg.data.shards!r} holds RGB images (3 channels; "
+                          "rgan shards stores RGB); set model.channels=auto or 3")
+
+
 def _check_consistency(cfg: Config) -> None:
     """Contradictions between keys, caught before any process starts."""
+    _resolve_channels(cfg)
     m = cfg.model
     if m.arch == "cnn32" and m.resolution != 32:
         raise ConfigError(f"model.resolution={m.resolution}: arch cnn32 is the paper's 32x32 CNN; set 32")
@@ -477,8 +509,9 @@ def _check_eval_metrics(cfg: Config) -> None:
         raise ConfigError(f"eval.metrics=[] with eval.every={e.every}: list some of {', '.join(EVAL_METRICS)}, "
                           "or set eval.every=0")
     if "modes" in e.metrics and cfg.model.channels != 3:
-        raise ConfigError(f"eval.metrics lists modes but model.channels={cfg.model.channels}: Stacked-Digits "
-                          "modes are read from three channels; set model.channels=3")
+        raise ConfigError(f"eval.metrics lists modes but model.channels={cfg.model.channels} (data.shards="
+                          f"{cfg.data.shards}): Stacked-Digits modes are read from three channels; train on "
+                          "Stacked-Digits shards (rgan shards sklearn:stacked-digits) or set model.channels=3")
 
 
 def describe_keys() -> list[tuple[str, Any, str]]:

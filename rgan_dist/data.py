@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from rgan_dist.config import Config
 
 BUILTIN_PREFIX = "sklearn:"
+DIGITS_SIDE = 8  # scikit-learn's digits are 8x8
 
 
 class BatchIterator(Protocol):
@@ -33,7 +34,7 @@ def load_digits_uint8(resolution: int, channels: int = 3) -> torch.Tensor:
     from sklearn.datasets import load_digits
 
     x = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8] in [0,1]
-    if resolution != 8:
+    if resolution != DIGITS_SIDE:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     return x.expand(-1, channels, -1, -1).contiguous()
@@ -92,6 +93,8 @@ def make_batches(cfg: Config, *, rank: int, world_size: int, device: torch.devic
 
             raise ConfigError(f"data.shards={spec!r}: the only embedded data set is sklearn:digits")
         images = load_digits_uint8(cfg.model.resolution, cfg.model.channels)
+        if rank == 0:
+            announce_resize(spec, DIGITS_SIDE, cfg.model.resolution, "upscaled bilinearly", "")
         return InMemoryBatches(images, cfg.train.batch_size, rank=rank, world_size=world_size,
                                seed=cfg.train.seed, start_epoch=state.get("epoch", 0),
                                start_batch=state.get("batch", 0))
@@ -102,7 +105,19 @@ def make_batches(cfg: Config, *, rank: int, world_size: int, device: torch.devic
                              seed=cfg.train.seed, start_epoch=state.get("epoch", 0),
                              start_batch=state.get("batch", 0), start_skipped=state.get("skipped", 0),
                              device=device, verify=cfg.data.verify)
+    if rank == 0 and it.stored_resolution:
+        announce_resize(spec, it.stored_resolution, cfg.model.resolution, "centre-cropped and resized as read",
+                        f" (shards written with --resolution {cfg.model.resolution} skip this)")
     return it
+
+
+def announce_resize(spec: str, stored: int, resolution: int, how: str, tip: str) -> None:
+    """One info line when the training images are not stored at `model.resolution`: the reader resizes
+    them on the fly, which is right for a quick try but costs decode time and is easy to miss (a 256^2
+    shard set trained at 64 spends most of its reader time resizing). Silent when the sizes agree."""
+    if stored != resolution:
+        print(f"rgan: data.shards={spec} holds {stored}x{stored} images; model.resolution={resolution}: "
+              f"{how} to {resolution}x{resolution}{tip}", flush=True)
 
 
 def to_model_input(batch: torch.Tensor, device: torch.device, *, channels_last: bool = False,

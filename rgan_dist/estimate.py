@@ -129,7 +129,7 @@ def measure_step_time(cfg: Config, *, warmup: int = WARMUP_STEPS, steps: int = M
         raise UsageError("--dry-run measures one process: run it as a plain `rgan train --dry-run ...` (not under "
                          "torchrun/deepspeed) and give the ranks with --world-size N")
     with tempfile.TemporaryDirectory(prefix="rgan-dry-run-") as tmp:
-        probe = config_from_dict(cfg.to_dict(), where="dry run", values={
+        probe = config_from_dict(cfg.to_dict(as_given=True), where="dry run", values={
             "run.out_dir": str(Path(tmp) / "run"), "checkpoint.dir": "", "checkpoint.resume": "",
             "checkpoint.every": 0, "checkpoint.overwrite": False, "eval.every": 0, "train.sample_every": 0,
             "train.progress": False, "tracking.enabled": False, "train.steps": warmup + steps,
@@ -290,7 +290,7 @@ def estimate_sweep(spec: Any, *, step_time: float | None = None, num_cpus: int |
     for i, trial in enumerate(planned_trials(spec)):
         drawn = {k: v for k, v in trial.items() if distribution(spec.space.get(k), k)[0] in ("grid", "fixed")}
         values = trial_overrides(drawn)
-        cfg = config_from_dict(spec.base_config.to_dict(), where=f"trial {i}", values=values)
+        cfg = config_from_dict(spec.base_config.to_dict(as_given=True), where=f"trial {i}", values=values)
         key = json.dumps(values, sort_keys=True, default=str)
         if key not in measured:
             measured[key] = (given_step_time(cfg, step_time) if step_time is not None

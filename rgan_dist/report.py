@@ -37,6 +37,8 @@ class RunSummary:
     final_step: int | None
     fid_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, seconds since start, fid)
     provenance: dict[str, str] = field(default_factory=dict)
+    sweep: str | None = None  # the sweep (its parent run's name) this run is a trial of
+    parent_run_id: str | None = None
 
 
 def _client(uri: str | None) -> tuple[Any, str]:
@@ -58,7 +60,10 @@ def _variant(params: dict[str, str]) -> str:
 
 
 def summarize_experiment(experiment: str, tracking_uri: str | None = None) -> list[RunSummary]:
-    """One summary per run of `experiment`, best FID first (runs without FID last, newest first)."""
+    """One summary per run of `experiment`, best FID first (runs without FID last, newest first).
+
+    A sweep's parent run (the run its trials name in `mlflow.parentRunId`) is no row: it trains nothing, so it
+    had a row of "?" and made "5 runs" of 4 trials. Its trials carry its name (`sweep`) for the header."""
     client, resolved = _client(tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)
@@ -69,9 +74,14 @@ def summarize_experiment(experiment: str, tracking_uri: str | None = None) -> li
         raise UsageError(f"--experiment {experiment!r}: not in {resolved}; experiments there: "
                          f"{', '.join(names) or 'none'}")
     runs = client.search_runs([exp.experiment_id], max_results=5000, order_by=["attributes.start_time DESC"])
+    names = {run.info.run_id: run.info.run_name or run.info.run_id[:8] for run in runs}
+    parents = {p for run in runs if (p := run.data.tags.get("mlflow.parentRunId")) in names}
     out = []
     for run in runs:
         info, data = run.info, run.data
+        if info.run_id in parents:
+            continue
+        parent = data.tags.get("mlflow.parentRunId")
         start = info.start_time or 0
         fid = sorted(metric_history(client, info.run_id, "fid"), key=lambda m: (m.step, m.timestamp))
         speed = metric_history(client, info.run_id, "img_per_s")
@@ -88,7 +98,8 @@ def summarize_experiment(experiment: str, tracking_uri: str | None = None) -> li
             img_per_s=statistics.median(m.value for m in speed) if speed else None,
             best_fid=best[2] if best else None, best_step=best[0] if best else None,
             final_fid=curve[-1][2] if curve else None, final_step=curve[-1][0] if curve else None,
-            fid_curve=curve, provenance={k: data.tags[k] for k in PROVENANCE_TAGS if k in data.tags}))
+            fid_curve=curve, provenance={k: data.tags[k] for k in PROVENANCE_TAGS if k in data.tags},
+            sweep=names.get(parent) if parent else None, parent_run_id=parent))
     out.sort(key=lambda r: (r.best_fid is None, r.best_fid if r.best_fid is not None else 0.0))
     return out
 
@@ -100,6 +111,18 @@ def _clock(seconds: float) -> str:
 
 def _num(v: float | None, fmt: str = ".2f") -> str:
     return "–" if v is None else format(v, fmt)
+
+
+def header(experiment: str, runs: list[RunSummary]) -> str:
+    """The report's title: the experiment, its run count, and each sweep as the parent of its trials."""
+    sweeps: dict[tuple[str, str], int] = {}
+    for r in runs:
+        if r.parent_run_id:
+            key = (r.sweep or r.parent_run_id[:8], r.parent_run_id)
+            sweeps[key] = sweeps.get(key, 0) + 1
+    lines = [f"# Experiment `{experiment}`: {len(runs)} run(s)"]
+    lines += [f"Sweep `{name}` (parent run {rid[:8]}): {n} trial(s)" for (name, rid), n in sweeps.items()]
+    return "\n\n".join(lines)
 
 
 def markdown_table(runs: list[RunSummary]) -> str:
@@ -177,7 +200,7 @@ def write_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     out.mkdir(parents=True, exist_ok=True)
     step_png, time_png = plot_curves(runs, out)
     text = "\n\n".join([
-        f"# Experiment `{experiment}`: {len(runs)} run(s)",
+        header(experiment, runs),
         markdown_table(runs),
         provenance_note(runs),
         f"![FID against step]({step_png.name})\n\n![FID against wall-clock time]({time_png.name})",

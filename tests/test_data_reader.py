@@ -253,3 +253,28 @@ def test_pinned_batches_on_cuda(tmp_path):
             assert b.is_pinned() and b.is_contiguous(memory_format=torch.channels_last)
             got.append(ids(b.to("cuda", non_blocking=True).cpu()))
     assert got == cpu_batches  # pinning changes where a batch lives, not what it holds
+
+
+def test_in_a_ray_process_workers_start_from_a_forkserver(tmp_path, monkeypatch):
+    """Issue 19: a Ray worker printed abseil's "Mutex corrupt ... SIGABRT ... Fatal Python error: Aborted": DataLoader
+    workers forked from a process running gRPC threads (grpc/grpc#32992). Where Ray runs in the process, the
+    workers start from a forkserver, and read exactly the batches forked workers read."""
+    import sys
+    import types
+
+    from data_pipeline.reader import worker_start_method
+
+    spec = make_shards(tmp_path / "s", [30, 30])
+    kw = dict(batch_size=4, rank=0, world_size=1, workers=2, seed=1)
+    with make_batch_iterator(str(spec), **kw) as it:
+        forked = take(it, 6)
+    assert worker_start_method() in (None, "forkserver")
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    assert worker_start_method() == "forkserver"
+    with make_batch_iterator(str(spec), **kw) as it:
+        served = take(it, 6)
+        assert {type(w).__name__ for w in it._it._workers} == {"ForkServerProcess"}
+    assert served == forked
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
+    assert worker_start_method() is None

@@ -313,7 +313,26 @@ def test_kid_matches_direct_computation():
     x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 0.3
     mean, std = kid(x, y, num_subsets=3, subset_size=50)  # clamped to 12: every subset is all of it
     assert mean == pytest.approx(_kid_direct(x, y), rel=1e-10)
-    assert std == pytest.approx(0.0, abs=1e-12)
+    assert std is None  # no spread where every subset is the same: not a std of ~1e-16
+
+
+def test_kid_spread_only_where_subsets_can_differ():
+    """Issue 19: at small N every subset was all the samples and KID printed "+- 0.00000" (std ~1e-16)."""
+    from rgan_dist.metrics.evaluator import describe
+    from rgan_dist.metrics.fid import kid_spread
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
+    assert kid(x, y, num_subsets=10, subset_size=40)[1] is None
+    assert kid(x, y, num_subsets=1, subset_size=20)[1] is None  # one subset: no spread either
+    std = kid(x, y, num_subsets=10, subset_size=20)[1]
+    assert std is not None and std > 1e-6
+    assert kid(x[:30], y, num_subsets=10, subset_size=40)[1] > 1e-6  # one side larger than the subset: differs
+    assert kid_spread({"kid_std": None}, 5) == " (no spread: every subset is all samples)"
+    assert kid_spread({"kid_std": 0.0123}, 5) == " +- 0.01230"
+    rec = {"fid": 1.0, "kid": 0.5, "kid_std": None, "n_a": 40, "n_b": 40, "network_source": "x",
+           "network_sha256": "0" * 64, "resize": "bilinear", "resolution": 299}
+    assert "+-" not in describe(rec) and "KID 0.50000 (no spread" in describe(rec)
 
 
 def test_kid_near_zero_for_same_distribution_positive_for_shift():
@@ -579,3 +598,22 @@ def test_cli_prints_values_and_provenance(tiny, clean_env, tmp_path, capsys):
     few = parser.parse_args([str(a), str(a), "--num-samples", "1"])
     with pytest.raises(UsageError, match="at least 2"):
         run_fid(few)
+
+
+def test_no_cursor_escapes_in_a_log_file(capfd):
+    """Issue 19: `[A` fragments (tqdm's cursor-up, from the nested feature bar under the training bar) stood in
+    front of the FID lines of a log file. With stderr not a terminal, the training bar and a feature pass
+    together write no escape sequence."""
+    from rgan_dist.engine.hooks import progress_bar
+    from rgan_dist.metrics.features import _progress
+
+    outer = progress_bar(4, 0, enabled=True)
+    for _ in range(2):
+        inner = _progress(8, "fid", enabled=True)
+        for _ in range(8):
+            inner.update(1)
+        inner.close()
+        outer.update(1)
+    outer.close()
+    err = capfd.readouterr().err
+    assert "0/4" in err and "\x1b[" not in err, repr(err[-500:])  # the training bar stays, without escapes

@@ -185,7 +185,8 @@ def test_eval_metrics_config():
     assert load_config(None).eval.metrics == ["fid", "kid"]
     cfg = load_config(None, ["eval.kid=false"])  # an older config's switch still works
     assert cfg.eval.metrics == ["fid"] and cfg.eval.kid is False
-    assert load_config(None, ["eval.metrics=[modes]"]).eval.kid is False
+    # modes read three channels: Stacked-Digits shards (RGB, so channels auto = 3), not the grey default data
+    assert load_config(None, ["eval.metrics=[modes]", "data.shards=stacked/"]).eval.kid is False
     for bad, says in [("eval.metrics=[fid, modez]", "unknown 'modez'"), ("eval.metrics=[kid]", "list fid too"),
                       ("eval.metrics=[fid, fid]", "repeated")]:
         with pytest.raises(ConfigError, match=re.escape(says)) as e:

@@ -133,3 +133,26 @@ def test_mixed_fid_provenance_is_flagged(store):
         assert "num_samples differs between runs (16, 50000)" in note and "not comparable" in note
     finally:
         client.set_tag(runs[0].run_id, "fid.num_samples", "16")
+
+
+def test_a_sweep_reports_its_trials_with_the_parent_as_the_header(store, tmp_path, capsys):
+    """Issue 19: a sweep of 4 trials read "5 runs" and had a row of "?" for the parent run."""
+    from mlflow import MlflowClient
+
+    _, uri, _ = store
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("a-sweep")
+    parent = client.create_run(exp, run_name="lr-sweep", tags={"rgan.sweep": "lr-sweep"}).info.run_id
+    for i in range(4):
+        trial = client.create_run(exp, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent,
+                                                                    "loss.name": "rsgan"}).info.run_id
+        client.log_param(trial, "loss.name", "rsgan")
+        client.log_metric(trial, "fid", 10.0 + i, step=2)
+        client.set_terminated(trial)
+    client.set_terminated(parent)
+    assert report_cli.main(["--experiment", "a-sweep", "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "4 run(s)" in out and "Sweep `lr-sweep` (parent run " in out and "4 trial(s)" in out
+    assert out.count("| trial-") == 4 and "| lr-sweep" not in out and "| ? " not in out, out
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "4 run(s)" in md and "Sweep `lr-sweep`" in md and "| lr-sweep" not in md

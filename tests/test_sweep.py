@@ -211,6 +211,29 @@ def test_trial_config_groups_labels_and_hooks():
         FaultOnce("kill@3", "ab12c_00007", Path("/nonexistent"))
 
 
+def test_tunes_progress_table_shows_a_groups_label():
+    """Issue 19: the progress table's "setup" column showed a dict cut to 20 characters. The table is Tune's
+    own (`_get_trial_info`): what it prints for each trial of the smoke sweep, resolved by Tune's variant
+    generator as in a run, is the group's label, and the trial still reads the group's keys."""
+    import copy
+    import pickle
+
+    from ray.tune.experimental.output import _infer_params, _max_len
+    from ray.tune.search.variant_generator import generate_variants
+
+    from rgan_dist.sweep.space import param_space
+
+    space = param_space(load_sweep(SWEEPS / "smoke.yaml"))
+    assert sorted(_infer_params(space)) == ["loss.name", "setup"]
+    trials = [config for _, config in generate_variants(space)]
+    shown = sorted((_max_len(c["loss.name"]), _max_len(c["setup"])) for c in trials)
+    assert shown == [("rasgan", "lr-1e-6"), ("rasgan", "lr-5e-2"), ("rsgan", "lr-1e-6"), ("rsgan", "lr-5e-2")]
+    for config in trials:
+        for held in (config, copy.deepcopy(config), pickle.loads(pickle.dumps(config))):  # as Tune stores it
+            assert str(held["setup"]) in ("lr-5e-2", "lr-1e-6")
+            assert set(trial_overrides(held)) == {"loss.name", "train.lr_g", "train.lr_d"}
+
+
 def test_schedulers_use_generator_steps(tmp_path):
     asha = make_scheduler(load_sweep(SWEEPS / "smoke.yaml"))
     assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("step", 20, 2)
@@ -515,3 +538,53 @@ def test_with_an_object_store_as_storage_the_table_is_copied_beside_the_experime
     assert copy_to_storage(files, spec) == [f"file://{tmp_path}/store/smoke/{f.name}" for f in files]
     assert (tmp_path / "store" / "smoke" / "results.md").read_text() == (tmp_path / "o" / "results.md").read_text()
     assert copy_to_storage(files, load_sweep(SWEEPS / "smoke.yaml", [f"storage={tmp_path / 'shared'}"])) == []
+
+
+def test_the_final_table_waits_for_the_trials_output_to_stop():
+    """Issue 19: trial lines kept arriving after the final table. Ray hands the driver the workers' output in
+    batches through its dispatcher; `TrialOutput.settle` returns only after they have stopped for `quiet_s`."""
+    import threading
+    import time
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from rgan_dist.sweep.driver import TrialOutput
+
+    output = TrialOutput(quiet_s=0.5, limit_s=10.0).start()
+    sent: list[float] = []
+
+    def trial_lines() -> None:  # a trial still printing for 1.5 s after the sweep "returned"
+        for _ in range(6):
+            time.sleep(0.25)
+            sent.append(time.monotonic())
+            dispatcher.emit({"lines": ["(trial pid=1) rgan: step 20"], "pid": 1, "ip": "x", "is_err": False})
+
+    thread = threading.Thread(target=trial_lines)
+    thread.start()
+    output.settle()
+    done = time.monotonic()
+    thread.join()
+    assert len(sent) == 6 and done >= sent[-1] + 0.5, (done, sent)
+    assert all(name != TrialOutput.NAME for name, _ in dispatcher.handlers)  # stopped listening
+    t0 = time.monotonic()
+    TrialOutput(quiet_s=5.0, limit_s=10.0).start().settle(0.0)  # Ctrl-C: no wait
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_a_sweep_with_a_dead_trial_does_not_exit_0_silently():
+    """Issue 19: a Ray worker died (SIGABRT) and the sweep exited 0 without a word. Now any trial that ended
+    without a result fails the sweep (exit 1, one line naming them); a trial Tune retried to the end is said."""
+    from launcher.sweep import outcome_summary
+    from rgan_dist.sweep import TrialRow
+
+    def row(name, outcome, restored=0, error=""):
+        return TrialRow(trial_id=name, name=name, params={}, overrides={}, best_fid=1.0, final_fid=1.0, step=20,
+                        outcome=outcome, restored_from_step=restored, error=error)
+
+    assert outcome_summary([row("a", "completed"), row("b", "stopped early")]) == ([], 0)
+    lines, code = outcome_summary([row("a", "completed", restored=10), row("b", "completed")])
+    assert code == 0 and lines == ["rgan sweep: trial a failed and was retried from its checkpoint at step 10; it "
+                                   "ended completed"]
+    lines, code = outcome_summary([row("a", "completed"), row("b", "error", error="RayActorError: died\nmore")])
+    assert code == 1 and lines == ["rgan sweep: error: 1 of 2 trial(s) ended without a result (b); first: error: "
+                                   "RayActorError: died"]

@@ -164,8 +164,8 @@ def claim_run_folder(trainer: Trainer, tracker_given: bool) -> None:
         what = f"checkpoints up to {latest.name}" if latest is not None else ", ".join(Path(p).name for p in old)
         raise UsageError(f"{cfg.checkpoint_dir if latest is not None else cfg.out_dir} already holds another run "
                          f"({what}): continue it with --resume auto, move it aside with --overwrite "
-                         f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or set another "
-                         f"run.out_dir")
+                         f"(checkpoint.overwrite=true; kept in {cfg.out_dir / PREVIOUS}/), or give this run its "
+                         f"own folder: run.name={cfg.run.name}-{{variant}} (one per loss variant) or run.out_dir=DIR")
     if trainer.strategy.is_main:
         moved = set_aside([Path(p) for p in old if Path(p).exists()], cfg.out_dir, cfg.checkpoint_dir,
                           keep=TRACKER_FILES if tracker_given else ())

@@ -24,6 +24,7 @@ from rgan_dist.metrics.features import (
     open_source,
     rank_world,
 )
+from rgan_dist.metrics.fid import kid_spread
 from rgan_dist.metrics.inception import InceptionNetwork, load_inception
 
 FID_TIMEOUT_S = 1800  # collectives wait while a rank embeds its share: generous, but bounded
@@ -83,7 +84,7 @@ def format_result(r: dict[str, Any]) -> str:
     """The lines `rgan fid` prints: values first, then what they are comparable with."""
     lines = [f"FID {r['fid']:.4f}"]
     if r.get("kid") is not None:
-        lines.append(f"KID {r['kid']:.6f} +- {r['kid_std']:.6f} ({r['kid_subsets']} subsets of {r['kid_subset_size']})")
+        lines.append(f"KID {r['kid']:.6f}{kid_spread(r, 6)} ({r['kid_subsets']} subsets of {r['kid_subset_size']})")
     known = f" ({r['network_known_as']})" if r.get("network_known_as") else ""
     lines.append(
         f"network {r['network_source']}: {r['network_path']}{known}, sha256 {r['network_sha256']}; "

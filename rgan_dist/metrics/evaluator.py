@@ -45,7 +45,7 @@ from rgan_dist.metrics.features import (
     share,
     stats_cache_name,
 )
-from rgan_dist.metrics.fid import FeatureStats
+from rgan_dist.metrics.fid import FeatureStats, kid_spread
 from rgan_dist.metrics.inception import FEATURE_DIM, InceptionNetwork, load_inception, resolve_inception
 from rgan_dist.samples import to_uint8
 
@@ -191,7 +191,7 @@ def protocol(result: dict[str, Any]) -> dict[str, str]:
 
 def describe(result: dict[str, Any]) -> str:
     """One line a reader can compare with a paper: the value, N on both sides, network and resize."""
-    kid = f" KID {result['kid']:.5f} +- {result['kid_std']:.5f}" if result.get("kid") is not None else ""
+    kid = f" KID {result['kid']:.5f}{kid_spread(result, 5)}" if result.get("kid") is not None else ""
     fix = " (covariance eps fix-up applied)" if result.get("fid_fixup") else ""
     ema = {True: "EMA ", False: "", None: ""}[result.get("ema")]
     return (f"FID {result['fid']:.4f}{fix}{kid}; N={result['n_a']} generated vs {result['n_b']} real; "
@@ -271,7 +271,9 @@ class FidEvaluator:
             self._record(step, result, seconds)
         metrics = {"fid": float(result["fid"]), "eval_seconds": seconds}
         if result.get("kid") is not None:
-            metrics.update(kid=float(result["kid"]), kid_std=float(result["kid_std"]))
+            metrics["kid"] = float(result["kid"])
+            if result.get("kid_std") is not None:  # none where KID has no spread (fid.kid)
+                metrics["kid_std"] = float(result["kid_std"])
         return metrics
 
     def _record(self, step: int, result: dict[str, Any], seconds: float) -> None:

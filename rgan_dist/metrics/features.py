@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,8 +104,12 @@ def broadcast_from_rank0(value: Any) -> Any:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    """The feature pass's bar: only on a terminal. It sits under the training bar (position 1), and tqdm moves
+    between the two with cursor-up escapes, which a log file (or Ray's captured worker output) kept as `[A`
+    fragments in front of the FID lines; the training bar alone (position 0) writes none."""
     rank, _ = rank_world()
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or rank != 0, leave=False)
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or rank != 0 or not sys.stderr.isatty(),
+                leave=False)
 
 
 # ------------------------------------------------------------------------------ generated samples

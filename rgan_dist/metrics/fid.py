@@ -144,13 +144,15 @@ def kid(
     subset_size: int = 1000,
     *,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> tuple[float, float | None]:
     """Kernel Inception Distance (Binkowski et al., 2018): unbiased MMD^2 with the cubic polynomial
     kernel k(x, y) = (x.y / d + 1)^3, over random subsets drawn without replacement.
 
     Returns (mean, std) over the subsets. subset_size is clamped to both sample counts, so small sets
     work (with a larger spread). The subsets come from a generator seeded with `seed`: same inputs,
-    same value.
+    same value. The std is None where no spread is defined: fewer than 2 subsets, or both sets no larger
+    than the subset, so every "subset" is the whole of both sets and the same value (its std was ~1e-16,
+    shown as "+- 0.00000", which reads as a perfectly certain value); then one subset is computed.
     """
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
@@ -162,6 +164,8 @@ def kid(
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples on each side, got {a.shape[0]} and {b.shape[0]}")
     d = a.shape[1]
+    if not kid_has_spread(num_subsets, m, a.shape[0], b.shape[0]):
+        num_subsets = 1
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets, dtype=np.float64)
     for s in range(num_subsets):
@@ -172,7 +176,20 @@ def kid(
         kxy = (x @ y.T / d + 1.0) ** 3
         within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         values[s] = within - 2.0 * kxy.sum() / (m * m)
-    return float(values.mean()), float(values.std())
+    return float(values.mean()), (float(values.std()) if num_subsets > 1 else None)
+
+
+def kid_has_spread(num_subsets: int, subset_size: int, n_a: int, n_b: int) -> bool:
+    """Whether KID's subsets can differ, so that their std says something: at least 2 subsets, and one side
+    holds more samples than a subset (`subset_size`, already clamped to both counts)."""
+    return num_subsets >= 2 and max(n_a, n_b) > subset_size
+
+
+def kid_spread(result: dict[str, Any], digits: int) -> str:
+    """" +- std" after a KID value, or "" where no spread is defined (`fid.kid`: too few samples for the
+    subsets to differ), so a single value never reads as an exact one."""
+    std = result.get("kid_std")
+    return f" +- {std:.{digits}f}" if std is not None else " (no spread: every subset is all samples)"
 
 
 @dataclass

@@ -82,6 +82,55 @@ def _cluster_uri(uri: str, shared_folder: str = "") -> str:
     return uri
 
 
+class TrialOutput:
+    """Waits for the trials' console lines to stop before the final table is printed.
+
+    Ray forwards each worker's stdout/stderr to the driver asynchronously (the log monitor tails the workers'
+    files and publishes batches), so lines of finished trials kept arriving after `tuner.fit()` returned and
+    were printed under the results table. This listens on Ray's own dispatcher of those batches and, once
+    the sweep is done, waits until none has come for `quiet_s` (at most `limit_s`)."""
+
+    NAME = "rgan_trial_output"
+
+    def __init__(self, quiet_s: float = 2.0, limit_s: float = 20.0) -> None:
+        import time
+
+        self.quiet_s, self.limit_s = quiet_s, limit_s
+        self.last = time.monotonic()
+        self._dispatcher: Any = None
+
+    def _seen(self, _batch: Any) -> None:
+        import time
+
+        self.last = time.monotonic()
+
+    def start(self) -> TrialOutput:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        self._dispatcher = dispatcher
+        dispatcher.add_handler(self.NAME, self._seen)
+        return self
+
+    def settle(self, limit_s: float | None = None) -> float:
+        """Block until the trials' output has been quiet for `quiet_s` (at most `limit_s`, default the
+        instance's); returns the seconds waited. Stops listening."""
+        import time
+
+        limit = self.limit_s if limit_s is None else limit_s
+        t0 = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                left = self.quiet_s - (now - self.last)
+                if left <= 0 or now - t0 >= limit:
+                    return now - t0
+                time.sleep(min(left, 0.1))
+        finally:
+            if self._dispatcher is not None:
+                self._dispatcher.remove_handler(self.NAME)
+                self._dispatcher = None
+
+
 def copy_to_storage(files: list[Path], spec: SweepConfig) -> list[str]:
     """With an object store as `storage` (s3://...), the results table is also put beside Ray's experiment
     there: the driver's own folder may be a Ray job's temporary copy of the checkout. A folder `storage`
@@ -132,7 +181,7 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
             print(f"rgan sweep: warning: MLflow at {uri} failed ({type(e).__name__}: {e}); trials still log to "
                   f"their metrics.jsonl", file=sys.stderr, flush=True)
     res = spec.resources
-    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(), out_dir=spec.out_dir, mlflow_uri=uri,
+    setup = TrialSetup(sweep=spec.name, base=cfg.to_dict(as_given=True), out_dir=spec.out_dir, mlflow_uri=uri,
                        experiment=cfg.tracking.experiment, parent_run_id=parent.run_id if parent else None,
                        paper=spec.paper, workers=res.workers, cpus_per_worker=res.cpus_per_worker,
                        gpus_per_worker=res.gpus_per_worker, max_failures=spec.max_failures,
@@ -171,8 +220,10 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
     rows: list[TrialRow] = []
     files: list[Path] = []
     table = ""
+    output = TrialOutput().start()
     try:
         results = tuner.fit()
+        output.settle()
         rows = collect_rows(results, spec)
         table, files = write_results(rows, spec)
         for dest in copy_to_storage(files, spec):
@@ -182,6 +233,8 @@ def run_sweep(spec: SweepConfig, *, address: str | None = None, num_cpus: int | 
         status = "KILLED"
         raise
     finally:
+        # Settled already after a fit; after a failure the trials' last lines come before the error; Ctrl-C waits not.
+        output.settle(0.0 if status == "KILLED" else None)
         if parent is not None:
             try:
                 parent.finish(rows, files, status)

@@ -92,8 +92,25 @@ def _domain(kind: str, values: Any) -> Any:
     return tune.lograndint(int(values[0]), int(values[1]))
 
 
+class Group(dict):
+    """A group entry's mapping (several keys set together) as Tune holds it: still the mapping that
+    `trial_overrides` reads, but shown by its label. Tune's progress table prints a parameter with `str()`
+    cut to 20 characters: a plain dict showed as "...lr_d': 0.0001, 't" in the "setup" column."""
+
+    def __str__(self) -> str:
+        return group_label(self)
+
+
+def _grouped(key: str, kind: str, values: Any) -> tuple[str, Any]:
+    if "." in key or kind not in ("fixed", "grid", "choice"):
+        return kind, values
+    if kind == "fixed":
+        return kind, Group(values) if isinstance(values, dict) else values
+    return kind, [Group(v) if isinstance(v, dict) else v for v in values]
+
+
 def param_space(spec: Sweep) -> dict[str, Any]:
-    return {key: _domain(*distribution(value, key)) for key, value in spec.space.items()}
+    return {key: _domain(*_grouped(key, *distribution(value, key))) for key, value in spec.space.items()}
 
 
 def planned_trials(spec: Sweep) -> list[dict[str, Any]]:
@@ -139,15 +156,14 @@ def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
 
 def describe_trial(config: dict[str, Any]) -> dict[str, str]:
     """What varies in a trial, for tables and tags: a group shows its `label` (or its keys)."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            label = value.get(GROUP_LABEL)
-            out[key] = str(label) if label is not None else ", ".join(
-                f"{k}={_short(v)}" for k, v in value.items() if k != GROUP_LABEL)
-        else:
-            out[key] = _short(value)
-    return out
+    return {key: group_label(value) if isinstance(value, dict) else _short(value) for key, value in config.items()}
+
+
+def group_label(value: dict[str, Any]) -> str:
+    """How a group's mapping reads in tables, tags and Tune's progress: its `label`, else its keys."""
+    label = value.get(GROUP_LABEL)
+    return str(label) if label is not None else ", ".join(
+        f"{k}={_short(v)}" for k, v in value.items() if k != GROUP_LABEL)
 
 
 def _short(v: Any) -> str:

@@ -129,7 +129,7 @@ def _at(where: str) -> Iterator[None]:
 def _checked(cfg: Config, values: dict[str, Any], where: str) -> Config:
     """`cfg` with `values` (`section.key -> value`) set, checked by the config system."""
     with _at(where):
-        return config_from_dict(cfg.to_dict(), values=values)
+        return config_from_dict(cfg.to_dict(as_given=True), values=values)
 
 
 def _split_overrides(items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -179,7 +179,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     with _at(f"{where}: base"):
         cfg = load_config(spec.base)
     with _at(f"{where}: overrides"):
-        cfg = config_from_dict(cfg.to_dict(), values={**spec.overrides, **training})
+        cfg = config_from_dict(cfg.to_dict(as_given=True), values={**spec.overrides, **training})
     if spec.data_root and "://" not in spec.data_root:
         spec.data_root = os.path.abspath(Path(spec.data_root).expanduser())
     cfg = spec.base_config = _resolve_paths(cfg, cluster, spec.data_root, where)
@@ -274,14 +274,14 @@ def _resolve(key: str, value: Any, cluster: bool, data_root: str, at: str) -> An
 
 def _resolve_paths(cfg: Config, cluster: bool, data_root: str, where: str) -> Config:
     flat = cfg.flat()
-    return config_from_dict(cfg.to_dict(), values={
+    return config_from_dict(cfg.to_dict(as_given=True), values={
         key: _resolve(key, flat[key], cluster, data_root, f"{where}: {key}") for key in PATH_KEYS})
 
 
 def resolve_trial_paths(cfg: Config) -> Config:
     """In the trial: paths still relative (a cluster sweep) resolved on this node, against its checkout."""
     flat = cfg.flat()
-    return config_from_dict(cfg.to_dict(), values={key: _absolute_path(flat[key]) for key in PATH_KEYS})
+    return config_from_dict(cfg.to_dict(as_given=True), values={key: _absolute_path(flat[key]) for key in PATH_KEYS})
 
 
 def _absolute_space(space: dict[str, Any], cluster: bool, data_root: str, where: str) -> dict[str, Any]:

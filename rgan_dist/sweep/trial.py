@@ -120,7 +120,7 @@ class Reporter:
                    "restored_from_step": int(self.restored_from), "mlflow_run_id": self.run_id,
                    "node_id": _node_id(), **extra}
         for key in ("kid", "kid_std", "eval_seconds"):
-            if key in result:
+            if result.get(key) is not None:
                 metrics[key] = float(result[key])
         self.last_step = trainer.step
         if path is None:  # not rank 0
