@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a folder that holds another run: its checkpoints, metrics and samples "
                         "are moved to <run.out_dir>/previous/<time>/ (checkpoint.overwrite=true)")
+    p.add_argument("--allow-config-change", metavar="KEY,...",
+                   help="with --resume: accept these changes of keys that change the model or the objective "
+                        "(model.*, loss.*, train.batch_size, ...; a section wildcard such as loss.* allowed); "
+                        "checkpoint.allow_config_change")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     add_dry_run_arguments(p, "run")
@@ -69,6 +73,9 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
+    if args.allow_config_change:
+        keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        overrides.append(f"checkpoint.allow_config_change={json.dumps(keys)}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))

@@ -154,6 +154,8 @@ class CheckpointConfig:
     resume: str = _f("", "'' (fresh), 'auto' (latest in dir if any) or a checkpoint path.")
     overwrite: bool = _f(False, "A fresh run (resume '') into a folder holding another run's checkpoints or "
                                 "metrics: false refuses; true moves them to <run.out_dir>/previous/<time>/.")
+    allow_config_change: list[str] = _f([], "Keys (or section wildcards, loss.*) that a resume may change although "
+                                            "they change the model or the objective (rgan_dist.config_diff).")
 
 
 @dataclass

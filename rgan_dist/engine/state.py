@@ -30,6 +30,7 @@ from rgan_dist.checkpoint import (
     set_aside,
 )
 from rgan_dist.config import Config, dump_config
+from rgan_dist.config_diff import check_resume_config
 from rgan_dist.errors import UsageError
 
 if TYPE_CHECKING:
@@ -204,6 +205,10 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
     path, state = opened
     if state.get("format") != "rgan-dist/1":
         raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
+    changed = check_resume_config(state.get("config"), trainer.cfg, old_world_size=state.get("world_size"),
+                                  world_size=trainer.strategy.world_size, where=str(path))
+    if changed and trainer.strategy.is_main:
+        print(changed, flush=True)
     sharded = path.parent / state["sharded"] if state.get("sharded") else None
     trainer.strategy.load_state_dict(state["model"], sharded=sharded)
     if trainer.ema is not None and state["ema"] is not None:
