@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,10 @@ def check_dry_run_arguments(args: argparse.Namespace) -> None:
 
 def _train(cfg) -> int:
     from rgan_dist.engine.loop import TrainingDiverged, train
+    from rgan_dist.parent_watch import launched, watch_parent
 
+    if launched(os.environ):  # a SIGKILLed torchrun agent must not leave its workers training unsupervised
+        watch_parent(grace_s=cfg.dist.timeout_s + 600, what="the launcher (torchrun agent)")
     try:
         result = train(cfg)
     except TrainingDiverged as e:

@@ -1,0 +1,80 @@
+"""Issue 18 items 7 and 8, on real torchrun jobs (gloo, CPU): a SIGKILLed torchrun agent does not leave its
+workers training unsupervised, and a stalled rank is named by the healthy ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DEMO, ROOT
+from jobs import JOB, job_env
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_job(out: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launcher",
+           "train", "--config", str(DEMO), *JOB, f"run.out_dir={out}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"job ended early (exit {proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no {n} logged steps within {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker pids from /proc (Linux)")
+def test_workers_of_a_killed_torchrun_agent_checkpoint_and_exit(tmp_path):
+    out = tmp_path / "run"
+    proc = _start_job(out, "train.steps=100000", "checkpoint.every=0", "dist.strategy=ddp")
+    try:
+        _wait_for_steps(out, proc, 3, timeout=150)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)  # the agent, not its process group
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.5)
+        alive = [w for w in workers if _alive(w)]
+        assert not alive, f"workers {alive} still running 60 s after the torchrun agent was killed"
+    finally:
+        if proc.poll() is None or any(_alive(w) for w in _children(proc.pid)):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with_output = proc.stdout.read()
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    assert ckpts, f"no final checkpoint written:\n{with_output[-4000:]}"
+    assert "is gone: stopping" in with_output, with_output[-4000:]
