@@ -108,6 +108,7 @@ def check_dry_run_arguments(args: argparse.Namespace) -> None:
 def _train(cfg) -> int:
     from rgan_dist.engine.loop import TrainingDiverged, train
     from rgan_dist.parent_watch import launched, watch_parent
+    from rgan_dist.tracking_spool import incomplete_note
 
     if launched(os.environ):  # a SIGKILLed torchrun agent must not leave its workers training unsupervised
         watch_parent(grace_s=cfg.dist.timeout_s + 600, what="the launcher (torchrun agent)")
@@ -122,6 +123,8 @@ def _train(cfg) -> int:
         if result.samples:
             print(f"rgan: samples {result.samples[-1]} (all in {result.samples[-1].parent})")
         print(f"rgan: metrics {Path(result.out_dir) / 'metrics.jsonl'}")
+    if result.out_dir and (note := incomplete_note(result.out_dir)):
+        print(f"rgan: {note}")
     return 130 if result.interrupted else 0
 
 
