@@ -117,6 +117,15 @@ def _train(cfg) -> int:
     except TrainingDiverged as e:
         print(f"rgan train: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a rank that stalled or died: say which, not a Gloo traceback on a healthy rank
+        from rgan_dist.peer_check import collective_failure_line, is_collective_failure
+
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not is_collective_failure(e, world):
+            raise
+        line = collective_failure_line(e, rank=rank, world_size=world, timeout_s=cfg.dist.timeout_s, env=os.environ)
+        print(f"rgan train: error: {line}", file=sys.stderr, flush=True)
+        return 1
     if result.out_dir and result.checkpoint is not None:
         print(f"rgan: {'stopped' if result.interrupted else 'finished'} at step {result.step} in "
               f"{result.seconds:.0f}s; checkpoint {result.checkpoint}")

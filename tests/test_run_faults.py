@@ -79,3 +79,40 @@ def test_workers_of_a_killed_torchrun_agent_checkpoint_and_exit(tmp_path):
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     assert ckpts, f"no final checkpoint written:\n{with_output[-4000:]}"
     assert "is gone: stopping" in with_output, with_output[-4000:]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker pids from /proc (Linux)")
+def test_a_stalled_rank_is_named_by_the_healthy_ranks_in_one_line(tmp_path):
+    """Three ranks, the middle one SIGSTOPped: Gloo's timeout names nobody; the healthy ranks say rank 1."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "launcher",
+         "train", "--config", str(DEMO), *JOB, f"run.out_dir={out}", "train.steps=100000", "checkpoint.every=0",
+         "dist.strategy=ddp", "dist.timeout_s=10"],
+        cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_steps(out, proc, 3, timeout=200)
+        [stalled] = [w for w in _children(proc.pid) if _rank_of(w) == 1]
+        os.kill(stalled, signal.SIGSTOP)
+        t0 = time.monotonic()
+        output, _ = proc.communicate(timeout=150)
+        elapsed = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    errors = [ln for ln in output.splitlines() if ln.startswith("rgan train: error:")]
+    assert errors, output[-4000:]
+    assert all("rank 1 did not answer" in ln for ln in errors), errors
+    assert not [ln for ln in output.splitlines() if ln.startswith(("[rank0]:", "[rank2]:"))], output[-4000:]
+    assert elapsed < 120, elapsed
