@@ -179,7 +179,10 @@ def test_four_concurrent_writers_into_one_fresh_sqlite_store_every_record_lands(
                 pass
             time.sleep(0.2)
         else:
-            pytest.fail("the writers never logged a metric")
+            for p in procs:
+                p.kill()
+            outs = [p.communicate()[0] for p in procs]
+            pytest.fail("the writers never logged a metric:\n" + "\n".join(o[-1500:] for o in outs))
         blocker = sqlite3.connect(db, timeout=60, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         time.sleep(24)  # > MLflow's busy_timeout of 20 s: a writer's call fails at least once
