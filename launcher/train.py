@@ -75,6 +75,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
     if args.allow_config_change:
+        if not args.resume:
+            raise UsageError("--allow-config-change only goes with --resume auto|PATH: a fresh run has no "
+                             "checkpoint config to differ from")
         keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         overrides.append(f"checkpoint.allow_config_change={json.dumps(keys)}")
     cfg = load_config(args.config, overrides)

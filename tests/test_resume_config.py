@@ -51,6 +51,7 @@ def test_resume_refuses_model_and_objective_changes_in_one_line_and_allows_them_
                          "--allow-config-change", "loss.*")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "loss.name 'rasgan' -> 'hinge'" in allowed.stdout and "resumed from" in allowed.stdout
+    assert "only goes with --resume" in one_error_line(rgan_train(tmp_path, "--allow-config-change", "loss.*"))
     # A pattern that names no key is a typo, not a silent no-op.
     assert "matches no config key" in one_error_line(
         rgan_train(tmp_path, "--resume", "auto", "train.steps=5", "--allow-config-change", "los.nme"))
