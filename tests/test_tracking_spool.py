@@ -14,10 +14,12 @@ import time
 import pytest
 from conftest import DEMO, ROOT, TINY, free_port
 
+from rgan_dist.checkpoint import TRACKER_FILES
 from rgan_dist.config import load_config
 from rgan_dist.sweep.results import TrialRow, _tracking_state, results_table
 from rgan_dist.tracking_spool import (
     REJECTED_FILE,
+    SPOOL_FILE,
     Outbox,
     Unsendable,
     incomplete_note,
@@ -93,6 +95,11 @@ def test_a_spool_left_by_a_job_is_replayed_by_the_next_and_a_refused_record_is_k
     assert "1 refused by the store" in incomplete_note(tmp_path)
 
 
+def test_a_fresh_run_moves_the_previous_runs_unsent_records_aside_with_it():
+    """--overwrite sets the old run's files aside: its unsent records go with them, never into the new run."""
+    assert {SPOOL_FILE, REJECTED_FILE} <= set(TRACKER_FILES)
+
+
 def test_the_sweep_table_says_which_trial_lacks_tracking_data(tmp_path):
     trial = tmp_path / "trials" / "t1"
     trial.mkdir(parents=True)
@@ -135,7 +142,8 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from PIL import Image
-    from rgan_dist.config import load_config
+    from rgan_dist.checkpoint import TRACKER_FILES
+from rgan_dist.config import load_config
     from rgan_dist.tracking import MlflowTracker
 
     uri, out, i = sys.argv[1:]
