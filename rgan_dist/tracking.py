@@ -420,7 +420,7 @@ class MlflowTracker(JsonlTracker):
             self._fail(TimeoutError(f"uploads still pending after {CLOSE_TIMEOUT_S:.0f}s at exit"))
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything enqueued so far was handled (sent, or dropped after a failure)."""
+        """Wait until everything enqueued so far was handled (sent, or kept in the spool after a failure)."""
         if not self._thread.is_alive():
             return True
         done = threading.Event()
