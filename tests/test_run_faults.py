@@ -36,6 +36,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _kill_job(proc: subprocess.Popen, workers: list[int]) -> None:
+    """torchrun starts each worker in a session of its own: the agent's group does not hold them."""
+    for pid in [proc.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _start_job(out: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launcher",
            "train", "--config", str(DEMO), *JOB, f"run.out_dir={out}", *overrides]
@@ -61,6 +68,7 @@ def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float) -
 def test_workers_of_a_killed_torchrun_agent_checkpoint_and_exit(tmp_path):
     out = tmp_path / "run"
     proc = _start_job(out, "train.steps=100000", "checkpoint.every=0", "dist.strategy=ddp")
+    workers: list[int] = []
     try:
         _wait_for_steps(out, proc, 3, timeout=150)
         workers = _children(proc.pid)
@@ -73,8 +81,7 @@ def test_workers_of_a_killed_torchrun_agent_checkpoint_and_exit(tmp_path):
         alive = [w for w in workers if _alive(w)]
         assert not alive, f"workers {alive} still running 60 s after the torchrun agent was killed"
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the job's group: agent and (re-parented) workers alike
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc, workers)
         with_output = proc.stdout.read()
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     assert ckpts, f"no final checkpoint written:\n{with_output[-4000:]}"
@@ -100,16 +107,17 @@ def test_a_stalled_rank_is_named_by_the_healthy_ranks_in_one_line(tmp_path):
          "train", "--config", str(DEMO), *JOB, f"run.out_dir={out}", "train.steps=100000", "checkpoint.every=0",
          "dist.strategy=ddp", "dist.timeout_s=10"],
         cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    workers: list[int] = []
     try:
         _wait_for_steps(out, proc, 3, timeout=200)
-        [stalled] = [w for w in _children(proc.pid) if _rank_of(w) == 1]
+        workers = _children(proc.pid)
+        [stalled] = [w for w in workers if _rank_of(w) == 1]
         os.kill(stalled, signal.SIGSTOP)
         t0 = time.monotonic()
         output, _ = proc.communicate(timeout=150)
         elapsed = time.monotonic() - t0
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc, workers)
     assert proc.returncode != 0
     errors = [ln for ln in output.splitlines() if ln.startswith("rgan train: error:")]
     assert errors, output[-4000:]
