@@ -52,6 +52,10 @@ def test_resume_refuses_model_and_objective_changes_in_one_line_and_allows_them_
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert "loss.name 'rasgan' -> 'hinge'" in allowed.stdout and "resumed from" in allowed.stdout
     assert "only goes with --resume" in one_error_line(rgan_train(tmp_path, "--allow-config-change", "loss.*"))
+    # Allowed, but the weights cannot follow a new shape: still one line, not a load_state_dict traceback.
+    assert "does not fit this model" in one_error_line(
+        rgan_train(tmp_path, "--resume", "auto", "train.steps=5", "model.width=16", "--allow-config-change",
+                   "model.*,loss.*"))
     # A pattern that names no key is a typo, not a silent no-op.
     assert "matches no config key" in one_error_line(
         rgan_train(tmp_path, "--resume", "auto", "train.steps=5", "--allow-config-change", "los.nme"))

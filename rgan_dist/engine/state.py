@@ -210,7 +210,12 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
     if changed and trainer.strategy.is_main:
         print(changed, flush=True)
     sharded = path.parent / state["sharded"] if state.get("sharded") else None
-    trainer.strategy.load_state_dict(state["model"], sharded=sharded)
+    try:
+        trainer.strategy.load_state_dict(state["model"], sharded=sharded)
+    except RuntimeError as e:  # e.g. an allowed model.* change the weights cannot follow: one line, not 50
+        said = " ".join(str(e).split())[:300]
+        raise UsageError(f"checkpoint {str(path)!r} does not fit this model ({said}); resume with the model "
+                         "config it was written with") from None
     if trainer.ema is not None and state["ema"] is not None:
         trainer.ema.load_state_dict(state["ema"])
     trainer.step = int(state["step"])
