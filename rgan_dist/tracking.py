@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rgan_dist.tracking_spool import INCOMPLETE_TAG, Outbox, Unsendable, incomplete_note, prepare_sqlite_store
+from rgan_dist.tracking_spool import Outbox, Unsendable, prepare_sqlite_store
 
 if TYPE_CHECKING:  # the loop imports this module; keep torch/mlflow out of its import cost
     from rgan_dist.config import Config
@@ -437,7 +437,7 @@ class MlflowTracker(JsonlTracker):
         while True:
             item = self._queue.get()
             if item is None:
-                self._finish()
+                self._outbox.finish()  # a last try at what is kept; else the run is marked, in one line
                 return
             payload, is_call = item
             try:
@@ -463,23 +463,9 @@ class MlflowTracker(JsonlTracker):
         self.failed = False
         if replayed:
             print(f"rgan: MLflow tracking at {self.uri}: sent {replayed} kept record(s)", flush=True)
-            with contextlib.suppress(Exception):
-                if not self._outbox.rejected.exists():
-                    self._set_tags({INCOMPLETE_TAG: "complete"})
-
-    def _finish(self) -> None:
-        """The run's end: a last try at what is kept; if some is still missing, mark the run (if the store can
-        be reached) and say so in one line."""
-        if not self._outbox.finish():
-            return
-        if not self._outbox.failing:  # the store answers (it refused some records): mark the run
-            with contextlib.suppress(Exception):
-                self._set_tags({INCOMPLETE_TAG: "incomplete"})
-        print(f"rgan: {incomplete_note(self.cfg.out_dir)}", file=sys.stderr, flush=True)
 
     def _start_now(self) -> None:
-        """The worker's first step: create (or continue) the run, through the outbox's retries; a failure is
-        retried on later records, and what they carry is kept meanwhile."""
+        """The worker's first step: the run, with retries (else retried on later records, kept meanwhile)."""
         try:
             self._outbox.connect()
         finally:
@@ -501,19 +487,17 @@ class MlflowTracker(JsonlTracker):
             self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
         elif op == "tags":
             self._set_tags(record["tags"])
-        elif op in ("artifact", "image"):
-            local = Path(record["path"])
-            if not local.is_file():
-                raise Unsendable(f"{local} no longer exists")
-            if op == "artifact":
-                self._client.log_artifact(self.run_id, str(local), record["artifact_path"])
-            else:
-                from PIL import Image
+        elif op in ("artifact", "image") and not Path(record["path"]).is_file():
+            raise Unsendable(f"{record['path']} no longer exists")
+        elif op == "artifact":
+            self._client.log_artifact(self.run_id, record["path"], record["artifact_path"])
+        elif op == "image":
+            from PIL import Image
 
-                with Image.open(local) as image:
-                    image.load()
-                    self._client.log_image(self.run_id, image, key=record["key"], step=record["step"],
-                                           timestamp=record["timestamp"], synchronous=True)
+            with Image.open(record["path"]) as image:
+                image.load()
+                self._client.log_image(self.run_id, image, key=record["key"], step=record["step"],
+                                       timestamp=record["timestamp"], synchronous=True)
         elif op == "end":
             self._client.set_terminated(self.run_id, record["status"])
         else:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,11 +139,19 @@ class Outbox:
 
     def finish(self) -> int:
         """The end of the run: one more attempt at the spool, cool-down or not (a single try when the store
-        failed last time: the run is ending, a dead store must not hold it up); the number of records left."""
+        failed last time: the run is ending, a dead store must not hold it up). If records are still missing,
+        the run is tagged `rgan.tracking=incomplete` (when the store answers) and one line says what is
+        kept where. Returns the number of records left."""
         if self.path.exists():
             with contextlib.suppress(Exception):
                 self._try(None, attempts=1 if self.failing else ATTEMPTS)
-        return _count(self.path) + _count(self.rejected)
+        left = _count(self.path) + _count(self.rejected)
+        if left:
+            if not self.failing:
+                with contextlib.suppress(Exception):
+                    self._send({"op": "tags", "tags": {INCOMPLETE_TAG: "incomplete"}})
+            print(f"rgan: {incomplete_note(self.path.parent)}", file=sys.stderr, flush=True)
+        return left
 
     def _try(self, record: dict[str, Any] | None, attempts: int = ATTEMPTS) -> None:
         with_retries(self._ready, attempts=attempts, sleep=self._sleep)
@@ -151,6 +160,9 @@ class Outbox:
             self._send_one(record)
         if self.failing or replayed:
             self.failing, self._cooldown = False, FIRST_COOLDOWN_S
+            if replayed and not self.rejected.exists():
+                with contextlib.suppress(Exception):  # a run marked incomplete before is whole again
+                    self._send({"op": "tags", "tags": {INCOMPLETE_TAG: "complete"}})
             self._on_recovery(replayed)
 
     def _send_one(self, record: dict[str, Any]) -> None:
