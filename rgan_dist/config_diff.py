@@ -19,8 +19,9 @@ import yaml
 from rgan_dist.config import Config
 from rgan_dist.errors import UsageError
 
-# Keys that change the model (its shapes, or its state), or the objective being optimised.
-GUARDED = ("model.*", "loss.*", "train.batch_size", "train.n_dis", "train.ema", "dist.strategy")
+# Keys that change the model (its shapes, or its state), or the objective being optimised. (dist.strategy is
+# not one: a DDP checkpoint resumes in one process; one that cannot load is its own one-line error.)
+GUARDED = ("model.*", "loss.*", "train.batch_size", "train.n_dis", "train.ema")
 # Never compared: they say how this job starts, not what it trains.
 IGNORED = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.allow_config_change")
 # Not a config key: the number of ranks, which sets the batch that global Ra/Rc batch means run over.

@@ -142,8 +142,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from PIL import Image
-    from rgan_dist.checkpoint import TRACKER_FILES
-from rgan_dist.config import load_config
+    from rgan_dist.config import load_config
     from rgan_dist.tracking import MlflowTracker
 
     uri, out, i = sys.argv[1:]
