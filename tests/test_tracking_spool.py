@@ -74,7 +74,8 @@ def test_outbox_spools_what_fails_and_replays_it_in_order_with_nothing_lost(tmp_
     store.down = False
     now[0] += 1000  # after the cool-down the next record first sends what was kept, in order
     assert box.deliver({"op": "metrics", "metrics": [["train/d_loss", 4.0, 4, 4]]})
-    assert [r.get("metrics", [[None, None, None, "tag"]])[0][3] for r in store.got] == [1, 2, 3, "tag", 4]
+    assert [r.get("metrics", [[None, None, None, "tag"]])[0][3] for r in store.got] == [1, 2, 3, "tag", 4, "tag"]
+    assert store.got[-1] == {"op": "tags", "tags": {"rgan.tracking": "complete"}}  # whole again, and says so
     assert not spool_path(tmp_path).exists() and not box.failing and incomplete_note(tmp_path) == ""
 
 
