@@ -412,7 +412,8 @@ METRICS = "metrics.jsonl"
 DISCARDED = METRICS + ".discarded"
 RUN_FILES = (METRICS, DISCARDED, "samples", "fid", "generator")
 # mlflow_*.jsonl: records the run's tracker could not send yet (rgan_dist.tracking_spool); they move with their run
-TRACKER_FILES = ("config.yaml", "mlflow_run.json", "mlflow_spool.jsonl", "mlflow_rejected.jsonl")
+TRACKER_FILES = ("config.yaml", "mlflow_run.json", "mlflow_spool.jsonl", "mlflow_spool.jsonl.discarded",
+                 "mlflow_rejected.jsonl")
 PREVIOUS = "previous"
 
 

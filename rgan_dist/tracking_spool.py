@@ -92,6 +92,24 @@ def incomplete_note(out_dir: str | Path) -> str:
     return f"MLflow tracking incomplete: {'; '.join(parts)}" if parts else ""
 
 
+def discard_after(out_dir: str | Path, step: int) -> int:
+    """On resume from the checkpoint of `step`: spooled metrics and images of later steps belong to the attempt
+    that is being redone; they move to `mlflow_spool.jsonl.discarded` (kept, not sent), as metrics.jsonl's
+    records do, so MLflow gets each step once. Returns how many moved."""
+    path = spool_path(out_dir)
+    records = list(_read(path))
+    late = [r for r in records if r.get("op") in ("metrics", "image") and _step(r) > step]
+    if late:
+        with open(path.with_name(path.name + ".discarded"), "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in late))
+        _rewrite(path, [r for r in records if r not in late])
+    return len(late)
+
+
+def _step(record: dict[str, Any]) -> int:
+    return int(record["step"]) if record["op"] == "image" else max((m[3] for m in record["metrics"]), default=-1)
+
+
 class Outbox:
     """Delivers tracking records in order (one thread: the tracker's worker), spooling what cannot be sent.
 

@@ -22,6 +22,7 @@ from rgan_dist.tracking_spool import (
     SPOOL_FILE,
     Outbox,
     Unsendable,
+    discard_after,
     incomplete_note,
     spool_path,
     unsent,
@@ -94,6 +95,21 @@ def test_a_spool_left_by_a_job_is_replayed_by_the_next_and_a_refused_record_is_k
     assert store.got == [{"op": "params", "params": {"a": "1"}}]
     assert unsent(tmp_path) == 1 and json.loads((tmp_path / REJECTED_FILE).read_text())["path"] == "gone"
     assert "1 refused by the store" in incomplete_note(tmp_path)
+
+
+def test_a_resume_discards_spooled_steps_past_its_checkpoint(tmp_path):
+    """Each step reaches MLflow once: spooled records of the steps a resume redoes are set aside, not sent."""
+    box = Outbox(tmp_path, FlakyStore().send, lambda: (_ for _ in ()).throw(ConnectionError("down")), session="a",
+                 on_failure=lambda e: None, sleep=lambda s: None)
+    for step in (4, 5, 6):
+        box.deliver({"op": "metrics", "metrics": [["train/d_loss", 1.0, 0, step]]})
+    box.deliver({"op": "image", "path": "x.png", "key": "samples", "step": 6, "timestamp": 0})
+    box.deliver({"op": "tags", "tags": {"a": "b"}})
+    assert discard_after(tmp_path, 5) == 2
+    assert [r["op"] for r in map(json.loads, spool_path(tmp_path).read_text().splitlines())] == ["metrics", "metrics",
+                                                                                                 "tags"]
+    assert len((tmp_path / (SPOOL_FILE + ".discarded")).read_text().splitlines()) == 2
+    assert SPOOL_FILE + ".discarded" in TRACKER_FILES
 
 
 def test_a_fresh_run_moves_the_previous_runs_unsent_records_aside_with_it():

@@ -32,6 +32,7 @@ from rgan_dist.checkpoint import (
 from rgan_dist.config import Config, dump_config
 from rgan_dist.config_diff import check_resume_config
 from rgan_dist.errors import UsageError
+from rgan_dist.tracking_spool import discard_after
 
 if TYPE_CHECKING:
     from rgan_dist.ema import EMA
@@ -238,4 +239,5 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
     if trainer.strategy.is_main:
         print(f"rgan: resumed from {path} at step {trainer.step}", flush=True)
         discard_metrics_after(trainer.cfg.out_dir, trainer.step)  # each step once in metrics.jsonl
+        discard_after(trainer.cfg.out_dir, trainer.step)  # ... and in MLflow, for records still in the spool
     return mine["data"]
