@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a folder that holds another run: its checkpoints, metrics and samples "
                         "are moved to <run.out_dir>/previous/<time>/ (checkpoint.overwrite=true)")
+    p.add_argument("--allow-config-change", metavar="KEY,...",
+                   help="with --resume: accept these changes of keys that change the model or the objective "
+                        "(model.*, loss.*, train.batch_size, ...; a section wildcard such as loss.* allowed); "
+                        "checkpoint.allow_config_change")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     add_dry_run_arguments(p, "run")
@@ -69,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
+    if args.allow_config_change:
+        if not args.resume:
+            raise UsageError("--allow-config-change only goes with --resume auto|PATH: a fresh run has no "
+                             "checkpoint config to differ from")
+        keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        overrides.append(f"checkpoint.allow_config_change={json.dumps(keys)}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
@@ -99,11 +110,24 @@ def check_dry_run_arguments(args: argparse.Namespace) -> None:
 
 def _train(cfg) -> int:
     from rgan_dist.engine.loop import TrainingDiverged, train
+    from rgan_dist.parent_watch import launched, watch_parent
+    from rgan_dist.tracking_spool import incomplete_note
 
+    if launched(os.environ):  # a SIGKILLed torchrun agent must not leave its workers training unsupervised
+        watch_parent(grace_s=cfg.dist.timeout_s + 600, what="the launcher (torchrun agent)")
     try:
         result = train(cfg)
     except TrainingDiverged as e:
         print(f"rgan train: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a rank that stalled or died: say which, not a Gloo traceback on a healthy rank
+        from rgan_dist.peer_check import collective_failure_line, is_collective_failure
+
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if not is_collective_failure(e, world):
+            raise
+        line = collective_failure_line(e, rank=rank, world_size=world, timeout_s=cfg.dist.timeout_s, env=os.environ)
+        print(f"rgan train: error: {line}", file=sys.stderr, flush=True)
         return 1
     if result.out_dir and result.checkpoint is not None:
         print(f"rgan: {'stopped' if result.interrupted else 'finished'} at step {result.step} in "
@@ -111,6 +135,8 @@ def _train(cfg) -> int:
         if result.samples:
             print(f"rgan: samples {result.samples[-1]} (all in {result.samples[-1].parent})")
         print(f"rgan: metrics {Path(result.out_dir) / 'metrics.jsonl'}")
+    if result.out_dir and (note := incomplete_note(result.out_dir)):
+        print(f"rgan: {note}")
     return 130 if result.interrupted else 0
 
 

@@ -411,7 +411,9 @@ class CheckpointManager:
 METRICS = "metrics.jsonl"
 DISCARDED = METRICS + ".discarded"
 RUN_FILES = (METRICS, DISCARDED, "samples", "fid", "generator")
-TRACKER_FILES = ("config.yaml", "mlflow_run.json")
+# mlflow_*.jsonl: records the run's tracker could not send yet (rgan_dist.tracking_spool); they move with their run
+TRACKER_FILES = ("config.yaml", "mlflow_run.json", "mlflow_spool.jsonl", "mlflow_spool.jsonl.discarded",
+                 "mlflow_rejected.jsonl")
 PREVIOUS = "previous"
 
 

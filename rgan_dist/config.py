@@ -156,6 +156,8 @@ class CheckpointConfig:
     resume: str = _f("", "'' (fresh), 'auto' (latest in dir if any) or a checkpoint path.")
     overwrite: bool = _f(False, "A fresh run (resume '') into a folder holding another run's checkpoints or "
                                 "metrics: false refuses; true moves them to <run.out_dir>/previous/<time>/.")
+    allow_config_change: list[str] = _f([], "Keys (or section wildcards, loss.*) that a resume may change although "
+                                            "they change the model or the objective (rgan_dist.config_diff).")
 
 
 @dataclass
@@ -348,11 +350,14 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if resolved in seen:
         raise ConfigError(f"config {str(path)!r}: `extends` cycle through {' -> '.join(map(str, seen))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config {str(path)!r}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not data:  # an empty file (or only comments) would silently train the base defaults
+        raise ConfigError(f"config {str(path)!r} is empty: give at least one section (e.g. `train: {{steps: 100}}`; "
+                          "configs/base.yaml lists every key)")
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r}: top level must be a mapping of sections")
     parent = data.pop("extends", None)

@@ -5,10 +5,11 @@ that survives any tracking-server failure. `MlflowTracker` writes that same file
 MLflow run per training job (created by rank 0 only; `make_tracker` is the factory the loop uses).
 
 Why MLflow calls run on a background thread: a tracking server that is slow, hung or gone must never
-stall a GPU job. The training thread only appends to the JSONL file and enqueues; one worker thread
-talks to MLflow in order. On the first failure it prints ONE warning line and drops every later MLflow
-call (the JSONL file still has every metric), instead of retrying for minutes on each call. MLflow's own
-HTTP retries are bounded too (`bound_http_retries`), so even the failing call costs seconds.
+stall a GPU job. The training thread only appends to the JSONL file and enqueues records; one worker thread
+hands them, in order, to an `Outbox` (`rgan_dist.tracking_spool`): bounded retries, then a spool file in the
+run folder that is replayed once the store answers again, or by the job that resumes the run; nothing is
+dropped silently. The first failure prints ONE warning line. MLflow's own HTTP retries are bounded too
+(`bound_http_retries`), so even a failing call costs seconds.
 
 What MLflow's UI shows is shaped here, in one place: metric names grouped as `train/...` and `eval/...`
 (`mlflow_name`; metrics.jsonl keeps the plain names the code uses), sample grids on the image cards' step slider
@@ -31,10 +32,13 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rgan_dist.tracking_spool import Outbox, Unsendable, prepare_sqlite_store
 
 if TYPE_CHECKING:  # the loop imports this module; keep torch/mlflow out of its import cost
     from rgan_dist.config import Config
@@ -356,7 +360,10 @@ class MlflowTracker(JsonlTracker):
         self._monitor: Any = None
         self.failed = False
         self._warned = False
-        self._queue: queue.Queue[tuple[Callable[[], None], bool] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, bool] | None] = queue.Queue()
+        self._tags = dict(tags or {})
+        self._outbox = Outbox(self.cfg.out_dir, self._send, self._ready, session=uuid.uuid4().hex,
+                              on_failure=self._fail, on_recovery=self._recovered)
         self._started = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
@@ -370,17 +377,17 @@ class MlflowTracker(JsonlTracker):
         print(f"rgan: view it with: {ui_command(self.uri, self.artifact_root)}", flush=True)
         self._thread = threading.Thread(target=self._work, name=_WORKER_THREAD, daemon=True)
         self._thread.start()
-        self._enqueue(lambda: self._start(dict(tags or {})))
+        self._queue.put((self._start_now, True))
         # Wait for the run to exist, so its id is printed in order and a local store error shows at
-        # start; a hung server costs at most this long, after which training goes on regardless.
+        # start; a hung server costs at most this long, after which training goes on regardless (what it
+        # logs is kept and sent once the run exists).
         if not self._started.wait(start_timeout_s) and not self.failed:
             self._fail(TimeoutError(f"no answer within {start_timeout_s:.0f}s"))
 
     # ---- the public API (training thread) ------------------------------------------------------------
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = {k: _param_value(v) for k, v in params.items()}
-        self._enqueue(lambda: self._log_params(items))
+        self._enqueue({"op": "params", "params": {k: _param_value(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
         # One clock reading, taken now on the training thread (not when the worker gets to it): the JSONL
@@ -390,46 +397,33 @@ class MlflowTracker(JsonlTracker):
         self._write(metrics, step, context, now)
         if context:
             self.set_tags(context)
-        from mlflow.entities import Metric
-
         ms = int(now * 1000)
         values = {mlflow_name(k): float(v) for k, v in metrics.items()}
         if any(k in EVAL_METRICS for k in metrics):
             values[ELAPSED] = max(0.0, now - self._run_start)
         # A step re-run after a restart that MLflow already holds is not sent twice (`_start`).
-        batch = [Metric(k, v, ms, int(step)) for k, v in values.items() if step > self.logged_through.get(k, -1)]
+        batch = [[k, v, ms, int(step)] for k, v in values.items() if step > self.logged_through.get(k, -1)]
         if not batch:
             return
-        self._enqueue(lambda: self._client.log_batch(self.run_id, metrics=batch, synchronous=True))
+        self._enqueue({"op": "metrics", "metrics": batch})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        local = str(path)
-        self._enqueue(lambda: self._client.log_artifact(self.run_id, local, artifact_path))
+        self._enqueue({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_image(self, path: str | Path, key: str, step: int) -> None:
         if step <= max(self.logged_through.values(), default=-1):  # sent by the attempt before a restart
             return
-        local, ms = Path(path), int(time.time() * 1000)
-
-        def send() -> None:
-            from rgan_dist.mlflow_view import image_card_files
-
-            with tempfile.TemporaryDirectory() as tmp:
-                for file in image_card_files(local, key, step, ms, Path(tmp)):
-                    self._client.log_artifact(self.run_id, str(file), "images")
-            self._client.set_tag(self.run_id, "mlflow.loggedImages", "True", synchronous=True)
-            self._client.log_artifact(self.run_id, str(local), key)  # the file itself: the Artifacts tab previews it
-
-        self._enqueue(send)
+        self._enqueue({"op": "image", "path": str(path), "key": key, "step": int(step),
+                       "timestamp": int(time.time() * 1000)})
 
     def submit(self, fn: Callable[[Any, str], None]) -> None:
         """Run `fn(client, run_id)` on the worker thread, in order with everything logged before it: for MLflow
         calls this class has no method for (the final generator as a logged model, rgan_dist.mlflow_model)."""
-        self._enqueue(lambda: fn(self._client, self.run_id))
+        if not self._closed:  # a call, not a record: it cannot be kept in the spool; a failure is warned
+            self._queue.put((lambda: fn(self._client, self.run_id), True))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = {k: str(v) for k, v in tags.items()}
-        self._enqueue(lambda: self._set_tags(items))
+        self._enqueue({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_checkpoint(self, path: str | Path, kind: str) -> None:
         if self.log_checkpoints in (kind, "both") and Path(path).is_file():
@@ -439,8 +433,8 @@ class MlflowTracker(JsonlTracker):
         """Flush what is queued (uploads included), end the run with `status`, stop the worker."""
         if self._closed:
             return
-        self._enqueue(self._stop_monitor)  # its last samples go in before the run ends
-        self._enqueue(lambda: self._client.set_terminated(self.run_id, status))
+        self._queue.put((self._stop_monitor, True))  # its last samples go in before the run ends
+        self._enqueue({"op": "end", "status": status})
         self._closed = True
         self._queue.put(None)
         self._thread.join(CLOSE_TIMEOUT_S)
@@ -448,7 +442,7 @@ class MlflowTracker(JsonlTracker):
             self._fail(TimeoutError(f"uploads still pending after {CLOSE_TIMEOUT_S:.0f}s at exit"))
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything enqueued so far was handled (sent, or dropped after a failure)."""
+        """Wait until everything enqueued so far was handled (sent, or kept in the spool after a failure)."""
         if not self._thread.is_alive():
             return True
         done = threading.Event()
@@ -457,21 +451,23 @@ class MlflowTracker(JsonlTracker):
 
     # ---- the worker thread --------------------------------------------------------------------------
 
-    def _enqueue(self, fn: Callable[[], None]) -> None:
-        if not self.failed and not self._closed:
-            self._queue.put((fn, False))
+    def _enqueue(self, record: dict[str, Any]) -> None:
+        if not self._closed:
+            self._queue.put((record, False))
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
+                self._outbox.finish()  # a last try at what is kept; else the run is marked, in one line
                 return
-            fn, is_marker = item
-            if self.failed and not is_marker:
-                continue  # after a failure, MLflow calls are dropped; flush markers still fire
+            payload, is_call = item
             try:
-                fn()
-            except Exception as e:  # any failure of the store: warn once, keep training
+                if is_call:  # our own step in the sequence (start, flush marker, monitor stop)
+                    payload()
+                else:
+                    self._outbox.deliver(payload)  # retried, else spooled: never raises for a store failure
+            except Exception as e:
                 self._fail(e)
 
     def _fail(self, error: BaseException) -> None:
@@ -481,12 +477,60 @@ class MlflowTracker(JsonlTracker):
             if self._warned:
                 return
             self._warned = True
-        print(f"rgan: warning: MLflow tracking at {self.uri} failed ({_brief(error)}); "
-              f"training goes on, metrics stay in {self.path}", file=sys.stderr, flush=True)
+        print(f"rgan: warning: MLflow tracking at {self.uri} failed ({_brief(error)}); training goes on, metrics "
+              f"stay in {self.path}; MLflow records are kept in {self._outbox.path} and sent when the store "
+              "answers again", file=sys.stderr, flush=True)
+
+    def _recovered(self, replayed: int) -> None:
+        self.failed = False
+        if replayed:
+            print(f"rgan: MLflow tracking at {self.uri}: sent {replayed} kept record(s)", flush=True)
+
+    def _start_now(self) -> None:
+        """The worker's first step: the run, with retries (else retried on later records, kept meanwhile)."""
+        try:
+            self._outbox.connect()
+        finally:
+            self._started.set()
+
+    def _ready(self) -> None:
+        if self.run_id is None:
+            self._start(self._tags)
+
+    def _send(self, record: dict[str, Any]) -> None:
+        """One record to the store (`Outbox` calls it, with retries); `Unsendable` for what retries cannot fix."""
+        op = record["op"]
+        if op == "params":
+            self._log_params(record["params"])
+        elif op == "metrics":
+            from mlflow.entities import Metric
+
+            batch = [Metric(k, v, ms, step) for k, v, ms, step in record["metrics"]]
+            self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        elif op == "tags":
+            self._set_tags(record["tags"])
+        elif op in ("artifact", "image") and not Path(record["path"]).is_file():
+            raise Unsendable(f"{record['path']} no longer exists")
+        elif op == "artifact":
+            self._client.log_artifact(self.run_id, record["path"], record["artifact_path"])
+        elif op == "image":
+            from rgan_dist.mlflow_view import image_card_files
+
+            local = Path(record["path"])
+            with tempfile.TemporaryDirectory() as tmp:
+                for file in image_card_files(local, record["key"], record["step"], record["timestamp"], Path(tmp)):
+                    self._client.log_artifact(self.run_id, str(file), "images")
+            self._client.set_tag(self.run_id, "mlflow.loggedImages", "True", synchronous=True)
+            self._client.log_artifact(self.run_id, str(local), record["key"])  # the Artifacts tab previews it
+        elif op == "end":
+            self._client.set_terminated(self.run_id, record["status"])
+        else:
+            raise Unsendable(f"unknown tracking record {op!r}")
 
     def _start(self, tags: dict[str, str]) -> None:
         from mlflow import MlflowClient
 
+        prepare_sqlite_store(self.uri)  # WAL, schema made once: several trials may share the file
         self._client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = exp_id = experiment_id(self._client, self.experiment, self.artifact_root)
         previous = self._previous_run()

@@ -132,6 +132,18 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_cli_empty_config_is_refused_not_trained_on_defaults(tmp_path, text):
+    """Issue 18 item 11: an empty file used to train the base defaults with exit 0."""
+    (tmp_path / "empty.yaml").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "launcher", "train", "--config", "empty.yaml", "--print-config"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "'empty.yaml' is empty" in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
 def test_cli_print_config_round_trips(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "launcher", "train", "--config", str(CONFIGS / "demo.yaml"), "--print-config",

@@ -30,7 +30,9 @@ from rgan_dist.checkpoint import (
     set_aside,
 )
 from rgan_dist.config import Config, dump_config
+from rgan_dist.config_diff import check_resume_config
 from rgan_dist.errors import UsageError
+from rgan_dist.tracking_spool import discard_after
 
 if TYPE_CHECKING:
     from rgan_dist.ema import EMA
@@ -204,8 +206,17 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
     path, state = opened
     if state.get("format") != "rgan-dist/1":
         raise UsageError(f"checkpoint {str(path)!r}: not an rgan-dist training checkpoint")
+    changed = check_resume_config(state.get("config"), trainer.cfg, old_world_size=state.get("world_size"),
+                                  world_size=trainer.strategy.world_size, where=str(path))
+    if changed and trainer.strategy.is_main:
+        print(changed, flush=True)
     sharded = path.parent / state["sharded"] if state.get("sharded") else None
-    trainer.strategy.load_state_dict(state["model"], sharded=sharded)
+    try:
+        trainer.strategy.load_state_dict(state["model"], sharded=sharded)
+    except RuntimeError as e:  # e.g. an allowed model.* change the weights cannot follow: one line, not 50
+        said = " ".join(str(e).split())[:300]
+        raise UsageError(f"checkpoint {str(path)!r} does not fit this model ({said}); resume with the model "
+                         "config it was written with") from None
     if trainer.ema is not None and state["ema"] is not None:
         trainer.ema.load_state_dict(state["ema"])
     trainer.step = int(state["step"])
@@ -228,4 +239,5 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
     if trainer.strategy.is_main:
         print(f"rgan: resumed from {path} at step {trainer.step}", flush=True)
         discard_metrics_after(trainer.cfg.out_dir, trainer.step)  # each step once in metrics.jsonl
+        discard_after(trainer.cfg.out_dir, trainer.step)  # ... and in MLflow, for records still in the spool
     return mine["data"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rgan_dist.sweep.space import describe_trial, trial_overrides, trial_run_name
+from rgan_dist.tracking_spool import unsent
 
 if TYPE_CHECKING:
     from rgan_dist.sweep.spec import SweepConfig
@@ -32,6 +33,7 @@ class TrialRow:
     rank: int = 0
     error: str = ""
     node_id: str = ""  # the Ray node of the trial's last report
+    tracking: str = ""  # "incomplete (N unsent)" when some of its MLflow records are not in the store
 
 
 def _num(v: Any) -> float | None:
@@ -76,11 +78,19 @@ def collect_rows(results: Any, spec: SweepConfig) -> list[TrialRow]:
                              final_fid=_num(m.get("fid")), step=step, outcome=outcome,
                              restored_from_step=int(m.get("restored_from_step") or 0),
                              mlflow_run_id=str(m.get("mlflow_run_id") or ""), node_id=str(m.get("node_id") or ""),
-                             paper_fid=cell.text() if cell else "", error=error))
+                             paper_fid=cell.text() if cell else "", error=error,
+                             tracking=_tracking_state(spec.out_path / "trials" / trial_id)))
     rows.sort(key=lambda x: (x.best_fid is None, x.best_fid if x.best_fid is not None else 0.0, x.trial_id))
     for i, row in enumerate(rows, 1):
         row.rank = i
     return rows
+
+
+def _tracking_state(trial_dir: Path) -> str:
+    """The trial's MLflow records still kept in its run folder (`rgan_dist.tracking_spool`): a row whose MLflow
+    run lacks data says so, instead of looking complete."""
+    n = unsent(trial_dir)
+    return f"incomplete ({n} unsent, kept in {trial_dir})" if n else ""
 
 
 def _fmt(v: float | None) -> str:
@@ -97,6 +107,8 @@ def results_table(rows: list[TrialRow], keys: list[str], paper: str = "") -> str
         outcome = r.outcome + (f" ({r.error[:100]})" if r.error else "")
         if r.restored_from_step:
             outcome += f", resumed at step {r.restored_from_step}"
+        if r.tracking:
+            outcome += f", MLflow tracking {r.tracking}"
         cells = [str(r.rank), r.name, *(r.params.get(k, "") for k in keys), _fmt(r.best_fid), _fmt(r.final_fid),
                  str(r.step), outcome] + ([r.paper_fid or "–"] if paper else [])
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -126,10 +138,11 @@ def write_results(rows: list[TrialRow], spec: SweepConfig) -> tuple[str, list[Pa
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["rank", "trial_id", "run_name", *keys, "best_fid", "final_fid", "step", "outcome",
-                     "restored_from_step", "mlflow_run_id", "paper_fid", "error", "node_id"])
+                     "restored_from_step", "mlflow_run_id", "paper_fid", "error", "node_id", "tracking"])
     for r in rows:
         writer.writerow([r.rank, r.trial_id, r.name, *(r.params.get(k, "") for k in keys), r.best_fid, r.final_fid,
-                         r.step, r.outcome, r.restored_from_step, r.mlflow_run_id, r.paper_fid, r.error, r.node_id])
+                         r.step, r.outcome, r.restored_from_step, r.mlflow_run_id, r.paper_fid, r.error, r.node_id,
+                         r.tracking])
     csv_path = spec.out_path / "results.csv"
     csv_path.write_text(buf.getvalue())
     js = spec.out_path / "results.json"
