@@ -1,7 +1,7 @@
 """A shard set's identity: one digest of its content, the same wherever it is computed.
 
 The FID protocol keys its cached reference statistics on it (`rgan_dist.metrics.features.dataset_identity`)
-and every training run is tagged with it (`rgan_dist.tracking.dataset_tags`), so runs and references on the
+and every training run is tagged with it (`rgan_dist.run_info.dataset_tags`), so runs and references on the
 same shards carry the same value. It lives with the shard sets, below both users, so neither reaches into
 the other for it.
 """

@@ -20,7 +20,8 @@ from rgan_dist import losses
 from rgan_dist.config import load_config
 from rgan_dist.engine.hooks import Eta
 from rgan_dist.engine.loop import train
-from rgan_dist.tracking import EVAL_METRICS, LOSS_WORDS, PENALTY_WORDS, describe_run, mlflow_name
+from rgan_dist.run_info import LOSS_WORDS, PENALTY_WORDS, describe_run
+from rgan_dist.tracking import EVAL_METRICS, mlflow_name
 
 BASE = [*TINY, "train.batch_size=8", "train.log_every=1", "checkpoint.every=0", "tracking.log_checkpoints=none",
         "tracking.log_fid_stats=false"]

@@ -21,6 +21,7 @@ from launcher import sweep as sweep_cli
 from rgan_dist.config import Config, load_config
 from rgan_dist.errors import ConfigError, UsageError
 from rgan_dist.paper_reference import beside_paper, get_table, paper_fid
+from rgan_dist.run_info import LOSS_WORDS
 from rgan_dist.sweep import (
     SWEEP_FAULT_ENV,
     FaultOnce,
@@ -32,7 +33,6 @@ from rgan_dist.sweep import (
     trial_run_name,
     write_results,
 )
-from rgan_dist.tracking import LOSS_WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "configs" / "sweeps"

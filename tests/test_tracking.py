@@ -23,13 +23,13 @@ from conftest import DEMO, ROOT, TINY, free_port
 
 from rgan_dist.config import dump_config, load_config
 from rgan_dist.engine.loop import Trainer, train
+from rgan_dist.run_info import git_state
 from rgan_dist.tracking import (
     HTTP_DEFAULTS,
     JsonlTracker,
     MlflowTracker,
     Tracker,
     bound_http_retries,
-    git_state,
     make_tracker,
     resolve_store,
 )

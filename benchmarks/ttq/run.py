@@ -124,7 +124,8 @@ def run_one(spec: RunSpec, tracking_uri: str | None) -> dict[str, Any]:
     from rgan_dist.config import load_config
     from rgan_dist.engine import make_strategy
     from rgan_dist.engine.loop import Trainer, TrainingDiverged
-    from rgan_dist.tracking import make_tracker, run_tags
+    from rgan_dist.run_info import run_tags
+    from rgan_dist.tracking import make_tracker
 
     overrides = list(spec.overrides)
     if tracking_uri:

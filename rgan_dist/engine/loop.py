@@ -29,8 +29,9 @@ from rgan_dist.engine.step import GANStep, TrainingDiverged
 from rgan_dist.engine.strategy import Strategy
 from rgan_dist.metrics.evaluator import Evaluator, make_evaluator
 from rgan_dist.models import build_models, describe
+from rgan_dist.run_info import run_tags
 from rgan_dist.samples import save_grid
-from rgan_dist.tracking import Tracker, make_tracker, run_tags
+from rgan_dist.tracking import Tracker, make_tracker
 
 __all__ = ["Evaluator", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "train"]
 

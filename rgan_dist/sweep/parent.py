@@ -25,7 +25,8 @@ class ParentRun:
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        from rgan_dist.tracking import bound_http_retries, experiment_id, git_state, package_versions
+        from rgan_dist.run_info import git_state, package_versions
+        from rgan_dist.tracking import bound_http_retries, experiment_id
 
         bound_http_retries()
         self.uri = uri

@@ -252,7 +252,8 @@ def run_trial(cfg: Config, setup: TrialSetup, reporter: Reporter, describe: dict
     (`mlflow.parentRunId` among them) from its creation."""
     from rgan_dist.engine import make_strategy
     from rgan_dist.engine.loop import TrainingDiverged, train
-    from rgan_dist.tracking import make_tracker, run_tags
+    from rgan_dist.run_info import run_tags
+    from rgan_dist.tracking import make_tracker
 
     s = make_strategy(cfg)
     try:
