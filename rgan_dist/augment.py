@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rgan_dist.config import AUGMENT_OPS  # the op names, in the order they run
+from rgan_dist.config import AUGMENT_OPS, Config  # AUGMENT_OPS: the op names, in the order they run
 
 TRANSLATION_RATIO = 1 / 8  # DiffAugment's translation: up to 1/8 of the side
 CUTOUT_RATIO = 1 / 2  # DiffAugment's cutout: a square of half the side
@@ -219,26 +219,36 @@ class Augment:
             d = logits.detach().reshape(-1)
             self.window += torch.stack([d.sign().sum().double(), d.new_tensor(float(d.numel())).double()])
 
-    def adjust(self, step: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    def adjust(self, step: int, reduce_mean: Callable[[dict[str, torch.Tensor]], dict[str, float]]) -> float | None:
         """At the end of a window (`step` outer steps done, a multiple of adjust_every): move p by ADA's rule
-        from the window summed over ranks (`reduce_sum`, a collective: every rank calls `adjust` at the same
-        steps), start a new window, and return r_t. Else nothing (no device read)."""
+        from the window over all ranks (`reduce_mean`: the strategy's mean over ranks, a collective, so every
+        rank calls `adjust` at the same steps), start a new window, and return r_t. Else nothing (no read)."""
         if not self.adaptive or step % self.adjust_every:
             return None
-        signs, count = reduce_sum(self.window).tolist()
+        means = reduce_mean({"signs": self.window[0], "count": self.window[1]})
         self.window.zero_()
-        if count <= 0:
+        if means["count"] <= 0:
             return None
-        r_t = signs / count
+        r_t = means["signs"] / means["count"]
         direction = (r_t > self.target) - (r_t < self.target)
-        self.p = min(max(self.p + direction * count / self.speed_images, 0.0), self.p_max)
+        images = means["count"] * self.world_size
+        self.p = min(max(self.p + direction * images / self.speed_images, 0.0), self.p_max)
         return r_t
 
     def state_dict(self) -> dict[str, Any]:
-        """p and the parameter stream (the same on every rank) and this rank's window (its own)."""
-        return {"p": self.p, "generator": self.generator.get_state(), "window": self.window.cpu()}
+        """p and the parameter stream: the same on every rank. The window is each rank's own (`window`)."""
+        return {"p": self.p, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.p = float(state["p"])
         self.generator.set_state(state["generator"])
-        self.window.copy_(state["window"])
+
+
+def from_config(cfg: Config, *, rank: int, world_size: int, device: torch.device) -> Augment | None:
+    """The run's augmenter, or None where D never sees an augmented image (no policy, p fixed at 0): then
+    nothing is drawn or applied, and the run is bit for bit what it was without this module."""
+    a = cfg.augment
+    if not a.policy or (a.p != "adaptive" and a.p == 0 and not cfg.schedule.augment_p_end):
+        return None
+    return Augment(a.policy, a.p, seed=cfg.train.seed, device=device, rank=rank, world_size=world_size,
+                   target=a.target, adjust_every=a.adjust_every, speed_images=a.speed_images, p_max=a.p_max)

@@ -104,16 +104,16 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         x = _images(8, 8, seed=3)[4 * rank: 4 * rank + 4]
         outs, ps = [], []
 
-        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
+        def reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:  # as DistributedStrategy's
+            t = torch.stack([v.float() for v in values.values()])
             dist.all_reduce(t)
-            return t
+            return dict(zip(values, (t / world).tolist(), strict=True))
 
         for step in range(1, 4):
             outs.append(apply(x, aug.sample(4)))
             # alone, rank 0 would raise p and rank 1 lower it; over both ranks r_t = 0 < 0.6: p falls on both
             aug.observe(torch.full((4,), 5.0 if rank == 0 else -5.0))
-            aug.adjust(step, reduce_sum)
+            aug.adjust(step, reduce_mean)
             ps.append(aug.p)
         torch.save({"out": outs, "p": ps, "gen": aug.generator.get_state()}, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -134,10 +134,14 @@ def test_two_gloo_ranks_augment_as_one_process_on_the_global_batch(tmp_path):
         want = apply(x, one.sample(8))
         assert torch.equal(torch.cat([got[0]["out"][step - 1], got[1]["out"][step - 1]]), want)
         one.observe(torch.tensor([5.0] * 4 + [-5.0] * 4))
-        one.adjust(step, lambda t: t)
+        one.adjust(step, _one_process)
         ps.append(one.p)
     assert got[0]["p"] == got[1]["p"] == ps == pytest.approx([0.4, 0.3, 0.2])  # 8 images per window / 80
     assert torch.equal(got[0]["gen"], got[1]["gen"]) and torch.equal(got[0]["gen"], one.generator.get_state())
+
+
+def _one_process(values: dict[str, torch.Tensor]) -> dict[str, float]:  # Strategy.reduce_mean
+    return {k: float(v) for k, v in values.items()}
 
 
 def _ada_run(real_logit: float, p0: float, steps: int = 20) -> list[float]:
@@ -150,7 +154,7 @@ def _ada_run(real_logit: float, p0: float, steps: int = 20) -> list[float]:
     for step in range(1, steps + 1):
         real = apply(_images(25, 8, seed=step), aug.sample(25))
         aug.observe(d(real).flatten())
-        aug.adjust(step, lambda t: t)
+        aug.adjust(step, _one_process)
         ps.append(aug.p)
     return ps
 
@@ -167,15 +171,15 @@ def test_adaptive_p_is_capped_and_its_state_resumes_exactly():
     aug = Augment(AUGMENT_OPS, "adaptive", seed=2, adjust_every=2, speed_images=10, p_max=0.3)
     for step in range(1, 4):
         aug.observe(torch.ones(4))
-        aug.adjust(step, lambda t: t)
+        aug.adjust(step, _one_process)
     assert aug.p == 0.3  # capped at p_max
-    aug.observe(torch.ones(4))  # half a window, saved with the rest
-    saved = aug.state_dict()
+    aug.observe(torch.ones(4))  # half a window: each rank's own, saved beside its RNG streams
     twin = Augment(AUGMENT_OPS, "adaptive", seed=99, adjust_every=2, speed_images=10, p_max=0.3)
-    twin.load_state_dict(saved)
+    twin.load_state_dict(aug.state_dict())
+    twin.window.copy_(aug.window)
     x = _images(4)
     assert torch.equal(apply(x, aug.sample(4)), apply(x, twin.sample(4)))
-    assert aug.adjust(4, lambda t: t) == twin.adjust(4, lambda t: t) == 1.0
+    assert aug.adjust(4, _one_process) == twin.adjust(4, _one_process) == 1.0
     assert aug.p == twin.p
 
 
