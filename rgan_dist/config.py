@@ -46,6 +46,7 @@ STRATEGIES = ("single", "ddp", "deepspeed")
 EVAL_METRICS = ("fid", "kid", "modes")
 # data_pipeline.verify.VERIFY_MODES, spelled out (that module imports torch's reader); a test keeps them equal.
 DATA_VERIFY = ("off", "first", "always")
+AUGMENT_OPS = ("flip", "rot90", "translation", "color", "cutout")  # rgan_dist.augment's ops, in the order they run
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -121,6 +122,33 @@ class TrainConfig:
     compile: str = _f("none", "torch.compile the D and G steps' forwards and losses (backward via AOTAutograd); "
                       "reduce-overhead adds CUDA graphs; true/false alias default/none.", choices=COMPILE_MODES)
     progress: bool = _f(True, "Show a progress bar on rank 0.")
+
+
+@dataclass
+class AugmentConfig:
+    policy: list[str] = _f([], "Differentiable augmentations of every image D sees (reals and fakes, D and G steps), "
+                           "each applied per sample with probability p; []: none.", choices=AUGMENT_OPS)
+    p: float | str = _f(0.0, "Probability per op and sample: a number in [0, 1] (the start of schedule.augment_p_end's "
+                        "ramp if set) or adaptive (ADA: p steered so E[sign(D(real))] stays near augment.target).",
+                        min=0.0, max=1.0)
+    target: float = _f(0.6, "adaptive: the E[sign(D(real))] p is steered to (relativistic losses: "
+                       "sign(D(real) - D(fake))); ADA: 0.6.", min=0.0, max=1.0)
+    adjust_every: int = _f(4, "adaptive: generator steps between updates of p (each one host read).", min=1)
+    speed_images: int = _f(500_000, "adaptive: images (all ranks) over which p can move by 1 (ADA: 500k).", min=1)
+    p_max: float = _f(1.0, "adaptive: upper bound of p.", min=0.0, max=1.0)
+
+
+@dataclass
+class ScheduleConfig:
+    images: int = _f(0, "Images (all ranks) over which each *_end below ramps from its start value (R3GAN's "
+                     "half-cosine); 0: no ramps.", min=0)
+    lr_end: float | None = _f(None, "End lr of G and D (start: train.lr_g, train.lr_d); null: constant.",
+                              min_exclusive=0.0)
+    beta2_end: float | None = _f(None, "End Adam beta2 (start: train.betas[1]); null: constant.", min=0.0)
+    gamma_end: float | None = _f(None, "End penalty weight (start: loss.penalty_weight); null: constant.", min=0.0)
+    augment_p_end: float | None = _f(None, "End augmentation p (start: augment.p); null: constant.", min=0.0, max=1.0)
+    ema_half_life: float = _f(0.0, "EMA half-life in images instead of train.ema's decay, ramped from 0 over "
+                              "schedule.images (R3GAN); 0: train.ema.", min=0.0)
 
 
 @dataclass
@@ -208,6 +236,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -400,7 +430,12 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
     if key == "model.channels" and value == AUTO:  # int | "auto": resolved from the data (_resolve_channels)
         return value
     if origin in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:  # an optional key: null means "not set"
+            return None
+        if key == "augment.p" and value == "adaptive":
+            return value
+        hint = next(a for a in args if a is not type(None))
     if key == "train.compile" and isinstance(value, bool):  # the key was a bool before it had modes
         value = "default" if value else "none"
     if key == "dist.deepspeed_config" and isinstance(value, dict):
@@ -498,6 +533,24 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.eval.every and cfg.eval.num_samples < 2:
         raise ConfigError(f"eval.num_samples={cfg.eval.num_samples}: FID needs at least 2 samples")
     _check_eval_metrics(cfg)
+    _check_augment_and_schedule(cfg)
+
+
+def _check_augment_and_schedule(cfg: Config) -> None:
+    a, s = cfg.augment, cfg.schedule
+    if s.beta2_end is not None and s.beta2_end >= 1:
+        raise ConfigError(f"schedule.beta2_end={s.beta2_end}: must be < 1 (Adam's beta2)")
+    if not a.policy and (a.p == "adaptive" or a.p > 0 or s.augment_p_end):
+        raise ConfigError(f"augment.p={a.p}: augment.policy is empty; list some of {', '.join(AUGMENT_OPS)}")
+    if a.p == "adaptive" and s.augment_p_end is not None:
+        raise ConfigError("schedule.augment_p_end is set but augment.p=adaptive: choose a ramp or ADA, not both")
+    ends = [k for k in ("lr_end", "beta2_end", "gamma_end", "augment_p_end") if getattr(s, k) is not None]
+    if ends and not s.images:
+        raise ConfigError(f"schedule.{ends[0]} is set but schedule.images=0: give the ramp's length in images")
+    if s.gamma_end is not None and cfg.loss.penalty == "none":
+        raise ConfigError("schedule.gamma_end is set but loss.penalty=none: it ramps the penalty weight")
+    if s.ema_half_life and not cfg.train.ema:
+        raise ConfigError("schedule.ema_half_life is set but train.ema=0 (no EMA): set train.ema > 0 to keep one")
 
 
 def _check_eval_metrics(cfg: Config) -> None:

@@ -39,9 +39,12 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One step of the average. `decay` (the weight kept on the old value) overrides the ramped
+        train.ema for this step: what a half-life in images gives (`rgan_dist.schedules.ema_beta`)."""
         self.num_updates += 1
-        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        if decay is None:
+            decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_p = [p for p in self.module.parameters()]
         src_p = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)

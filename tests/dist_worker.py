@@ -119,10 +119,14 @@ class _SlicedStreamTrainer(Trainer):
 
 
 def _equiv_run(t: _SlicedStreamTrainer) -> dict[str, dict[str, torch.Tensor]]:
-    """`train.steps` outer steps of the Trainer on the global stream; the resulting G/D/EMA weights."""
+    """`train.steps` outer steps of the Trainer on the global stream; the resulting G/D/EMA weights (and the
+    augmentation's p, where there is one, as a one-element tensor)."""
     for _ in range(t.cfg.train.steps):
         t.train_step()
-    return {"G": t.strategy.G.state_dict(), "D": t.strategy.D.state_dict(), "EMA": t.ema.module.state_dict()}
+    out = {"G": t.strategy.G.state_dict(), "D": t.strategy.D.state_dict(), "EMA": t.ema.module.state_dict()}
+    if t.augment is not None:
+        out["augment"] = {"p": torch.tensor([t.augment.p], dtype=torch.float64)}
+    return out
 
 
 def equiv(out: Path, overrides: list[str]) -> None:
@@ -143,11 +147,17 @@ def equiv(out: Path, overrides: list[str]) -> None:
 # change the weights measurably (rasgan under DDP, after 4 steps: 7e-4 with local means, 1.5e-8 global).
 EQUIV_COMMON = ["model.g_batch_norm=false", "model.d_batch_norm=false", "train.steps=4", "train.ema=0.9",
                 "train.lr_d=0.002", "train.lr_g=0.002"]
+# Every augmentation op at adaptive p (moved after each step by the statistic over all ranks) and every ramp
+# over the 4 steps: the same global sample gets the same transform on any number of ranks (rgan_dist.augment).
+AUGMENTED = ["augment.policy=[flip, rot90, translation, color, cutout]", "augment.p=adaptive",
+             "augment.adjust_every=1", "augment.speed_images=16", "augment.target=0.0", "schedule.images=32",
+             "schedule.lr_end=5e-4", "schedule.beta2_end=0.99", "schedule.gamma_end=1.0", "schedule.ema_half_life=8"]
 EQUIV_SETUPS = {
     "rsgan-r1": ["loss.name=rsgan", "loss.penalty=r1"],  # paired: no batch statistic involved
     "rasgan-r1": ["loss.name=rasgan", "loss.penalty=r1"],  # loss.batch_stats=global, the default
+    "rsgan-r1-augmented": ["loss.name=rsgan", "loss.penalty=r1", *AUGMENTED],
 }
-DEEPSPEED_EQUIV = [(1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1")]
+DEEPSPEED_EQUIV = [(1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1"), (2, "rsgan-r1-augmented")]
 
 
 def _zero(stage: int) -> str:

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from conftest import DEMO, ROOT, free_port
+from dist_worker import DEEPSPEED_EQUIV, EQUIV_SETUPS
 from jobs import (
     JOB,
     assert_ranks_identical,
@@ -190,6 +191,25 @@ def test_ddp_two_ranks_of_b_match_one_process_of_2b(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s
+def test_ddp_two_ranks_of_b_match_one_process_of_2b_with_augmentation_and_schedules(tmp_path):
+    """As above with every augmentation op at adaptive p and every schedule ramp on (`dist_worker.AUGMENTED`):
+    the augmentation's parameters are drawn for the global batch and sliced per rank, and ADA's statistic is
+    reduced over ranks, so the two runs agree as closely, and p is the same."""
+    common = ["model.g_batch_norm=false", "model.d_batch_norm=false", "train.steps=4", "train.ema=0.9",
+              "train.lr_d=0.002", "train.lr_g=0.002", *EQUIV_SETUPS["rsgan-r1-augmented"]]
+    worker = str(ROOT / "tests" / "dist_worker.py")
+    ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, "equiv",
+             str(tmp_path), *common, "train.batch_size=4", "dist.strategy=ddp"], timeout=180))
+    ok(run_job([sys.executable, worker, "equiv", str(tmp_path), *common, "train.batch_size=8"], timeout=180))
+    ddp, single = torch.load(tmp_path / "equiv-ddp-2.pt"), torch.load(tmp_path / "equiv-single-1.pt")
+    assert 0 < single["augment"]["p"].item() == ddp["augment"]["p"].item()
+    for part in ("G", "D", "EMA"):
+        for k, v in single[part].items():
+            torch.testing.assert_close(ddp[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)  # > its jobs' own timeouts: 2 x 180 s
 def test_relativistic_batch_means_are_global_across_ranks(tmp_path):
     """Ra/Rc losses under DDP, gradient level: one D step and one G step (the Trainer's, gradients taken
     before the optimizer) on 2 ranks x B=4 equal one process on the concatenated 8 with
@@ -344,9 +364,10 @@ def test_deepspeed_zero2_two_ranks_identical_resume_exact_and_matches_ddp(tmp_pa
 def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf16_resumes_exactly(tmp_path):
     """Every 2-rank DeepSpeed check in one job (`dist_worker.deepspeed_checks`, ~20 s here):
 
-    - ZeRO-1 and ZeRO-2 with rsgan + R1 (paired: no batch statistic) and ZeRO-2 with rasgan + R1 (global
-      batch means, all-reduced inside `engine.backward`) at 2 x B=4: after 4 steps the weights equal one
-      process at B=8 (atol 1e-6 + rtol 1e-5; measured max abs difference <= 3e-8).
+    - ZeRO-1 and ZeRO-2 with rsgan + R1 (paired: no batch statistic), ZeRO-2 with rasgan + R1 (global
+      batch means, all-reduced inside `engine.backward`) and ZeRO-2 with rsgan + R1 under augmentation and
+      schedules (`dist_worker.AUGMENTED`) at 2 x B=4: after 4 steps the weights equal one process at B=8
+      (atol 1e-6 + rtol 1e-5; measured max abs difference <= 3e-8 without augmentation).
     - model.spectral_norm=true: after step 1 the u/v buffers are bitwise equal on both ranks (models from
       seed + rank gave each rank its own u/v, which DeepSpeed, broadcasting parameters only, never fixed),
       and so are the rank fingerprints, which hash these buffers now.
@@ -356,7 +377,7 @@ def test_deepspeed_matches_one_process_spectral_norm_buffers_agree_and_zero1_bf1
     ok(run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
              "deepspeed", str(tmp_path)], timeout=240))
     ok(run_job([sys.executable, worker, "reference", str(tmp_path)], timeout=120))
-    for stage, setup in (1, "rsgan-r1"), (2, "rsgan-r1"), (2, "rasgan-r1"):
+    for stage, setup in DEEPSPEED_EQUIV:
         ds, single = torch.load(tmp_path / f"ds-zero{stage}-{setup}.pt"), torch.load(tmp_path / f"ref-{setup}.pt")
         for part in ("G", "D", "EMA"):
             for k, v in single[part].items():

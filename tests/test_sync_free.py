@@ -41,7 +41,13 @@ def test_the_probe_sees_a_host_read():
     (),
     ("loss.penalty=wgan-gp", "train.precision=bf16", "train.flip=true"),
     ("loss.name=rsgan", "loss.penalty=r1+r2", "train.n_dis=2", "model.spectral_norm=true"),
-], ids=["default", "wgan-gp-bf16-flip", "r1r2-ndis2-sn"])
+    # augmentation and every schedule (rgan_dist.augment, rgan_dist.schedules); ADA's statistic accumulates on
+    # the device and is read only when p is adjusted, every augment.adjust_every steps
+    ("augment.policy=[flip, rot90, translation, color, cutout]", "augment.p=0.5", "loss.penalty=r1+r2",
+     "model.d_batch_norm=false", "schedule.images=64", "schedule.lr_end=1e-4", "schedule.beta2_end=0.99",
+     "schedule.gamma_end=1.0", "schedule.augment_p_end=0.8", "schedule.ema_half_life=16"),
+    ("augment.policy=[color]", "augment.p=adaptive", "augment.adjust_every=100"),
+], ids=["default", "wgan-gp-bf16-flip", "r1r2-ndis2-sn", "augment-schedules", "augment-adaptive"])
 def test_single_process_steps_read_nothing_on_the_host(tmp_path, overrides):
     t = trainer(tmp_path, *overrides)
     sync_free_steps(t)

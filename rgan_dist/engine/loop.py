@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rgan_dist import losses
+from rgan_dist.augment import Augment
 from rgan_dist.checkpoint import CheckpointManager
 from rgan_dist.config import Config
 from rgan_dist.data import BatchIterator, make_batches
@@ -31,6 +32,7 @@ from rgan_dist.metrics.evaluator import Evaluator, make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.run_info import run_tags
 from rgan_dist.samples import save_grid
+from rgan_dist.schedules import hparams_at
 from rgan_dist.tracking import Tracker, make_tracker
 
 __all__ = ["Evaluator", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "train"]
@@ -94,7 +96,25 @@ class Trainer:
         self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
         return real
 
+    def _apply_schedules(self) -> float | None:
+        """Set this step's scheduled hyperparameters (`rgan_dist.schedules`: pure functions of the step, so a
+        resumed run sets what the straight run did); returns the EMA decay for the step (None: train.ema's).
+        Nothing is touched where nothing is scheduled, so such runs step exactly as before."""
+        cfg, s = self.cfg, self.strategy
+        if not cfg.schedule.images and not cfg.schedule.ema_half_life:
+            return None
+        h = hparams_at(cfg, self.step, s.world_size)
+        if cfg.schedule.images:
+            beta1 = cfg.train.betas[0]
+            s.set_hparams("g", lr=h.lr_g, betas=(beta1, h.beta2))
+            s.set_hparams("d", lr=h.lr_d, betas=(beta1, h.beta2))
+            self.gan.gamma = h.gamma
+            if h.augment_p is not None and self.augment is not None:
+                self.augment.set_p(h.augment_p)
+        return h.ema_beta
+
     def train_step(self) -> dict[str, torch.Tensor]:
+        ema_decay = self._apply_schedules()
         real = self._reals()
         for i in range(self.cfg.train.n_dis):
             if i:
@@ -105,9 +125,15 @@ class Trainer:
             real = self._reals()
         out.update(self.gan.g_step(real, self.step))
         if self.ema is not None:
-            self.ema.update(self.strategy.G)
+            self.ema.update(self.strategy.G, decay=ema_decay)
         self.step += 1
+        if self.augment is not None:  # ADA: at the end of each window, p from every rank's statistic
+            self.augment.adjust(self.step, self.strategy.reduce_mean)
         return out
+
+    @property
+    def augment(self) -> Augment | None:
+        return self.gan.augment
 
     @property
     def d_steps(self) -> int:
@@ -160,6 +186,8 @@ class Trainer:
                     metrics["skipped_samples"] = float(round(metrics["skipped_samples"] * s.world_size))
                     metrics.update(img_per_s=throughput.rate(self.reals_drawn) * s.world_size,  # same on every rank
                                    bad_steps=float(self.bad_steps_total))
+                    if self.augment is not None:
+                        metrics["augment_p"] = self.augment.p  # the same on every rank (rgan_dist.augment)
                     self.tracker.log_metrics(metrics, self.step)
                     progress.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:.3f}",
                                          img_s=f"{metrics['img_per_s']:.0f}", eta=eta.text(self.step), refresh=False)

@@ -35,6 +35,7 @@ from rgan_dist.errors import UsageError
 from rgan_dist.tracking_spool import discard_after
 
 if TYPE_CHECKING:
+    from rgan_dist.augment import Augment
     from rgan_dist.ema import EMA
     from rgan_dist.engine.strategy import Strategy
 
@@ -47,6 +48,7 @@ class Trainer(Protocol):
     strategy: Strategy
     ckpt: CheckpointManager
     ema: EMA | None
+    augment: Augment | None
     gen: torch.Generator
     data: Any  # rgan_dist.data.BatchIterator (its `state()`), not built yet while resuming
     step: int
@@ -65,6 +67,7 @@ def state_dict(trainer: Trainer) -> dict[str, Any]:
         "config": dump_config(trainer.cfg),
         "model": trainer.strategy.state_dict(),
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "augment": trainer.augment.state_dict() if trainer.augment is not None else None,
         "rng": rng_state(trainer),
         "data": trainer.data.state(),
         "world_size": trainer.strategy.world_size,
@@ -77,7 +80,9 @@ def rng_state(trainer: Trainer) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "gen": trainer.gen.get_state(),
             "cuda": torch.cuda.get_rng_state() if trainer.strategy.device.type == "cuda" else None,
             "python": random.getstate(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            # ADA's window of this rank's D statistics (rgan_dist.augment): per rank, like the streams
+            "augment_window": trainer.augment.window.cpu() if trainer.augment is not None else None}
 
 def set_rng_state(trainer: Trainer, rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
@@ -89,6 +94,8 @@ def set_rng_state(trainer: Trainer, rng: dict[str, Any]) -> None:
     if rng.get("numpy") is not None:
         name, key, *rest = rng["numpy"]
         np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    if rng.get("augment_window") is not None and trainer.augment is not None:
+        trainer.augment.window.copy_(rng["augment_window"])
 
 def fingerprints(trainer: Trainer) -> dict[str, str]:
     """Hashes of this rank's G, D and EMA parameters and buffers: equal on every rank, or the ranks
@@ -219,6 +226,8 @@ def resume(trainer: Trainer) -> dict[str, Any] | None:
                          "config it was written with") from None
     if trainer.ema is not None and state["ema"] is not None:
         trainer.ema.load_state_dict(state["ema"])
+    if trainer.augment is not None and state.get("augment") is not None:  # p and its stream; windows: per rank
+        trainer.augment.load_state_dict(state["augment"])
     trainer.step = int(state["step"])
     trainer.bad_steps_total = int(state["bad_steps"])
     trainer.best_fid = float(state["best_fid"])

@@ -9,6 +9,11 @@ Every D forward goes through `run_D` (the D phase's real and fake forwards, the 
 the penalty's interpolates), and every G forward through `run_G`: what transforms every image D sees goes
 there. The penalty differentiates D's output w.r.t. the tensors handed to `run_D` (`real`/`fake` in
 `d_step`), so a transform inside `run_D` leaves R1/R2 taken w.r.t. the untransformed images.
+
+That transform is the differentiable augmentation (`rgan_dist.augment`, `augment.*`): `run_D` applies it to
+every image D sees, reals and fakes, in both phases. Its random parameters are drawn before each forward,
+outside compiled code (`_aug`), and handed in; with no augmentation (or p = 0) nothing is drawn and `run_D`
+is what it was, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rgan_dist import losses
+from rgan_dist import augment, losses
 from rgan_dist.config import Config
 from rgan_dist.data import to_model_input
 from rgan_dist.engine.strategy import Strategy
@@ -43,6 +48,8 @@ class GANStep:
         # D steps so far (lazy regularisation counts them); the Trainer sets it from a resumed step.
         self.d_steps = 0
         self.last_penalty = torch.zeros((), device=dev)  # logged between lazy penalty steps
+        self.gamma = cfg.loss.penalty_weight  # the penalty weight; the Trainer sets it per step under a schedule
+        self.augment = augment.from_config(cfg, rank=strategy.rank, world_size=strategy.world_size, device=dev)
         D = strategy.D
         self.d_concat = not any(True for _ in D.buffers()) and not any(
             isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in D.modules())
@@ -67,18 +74,25 @@ class GANStep:
     def run_G(self, z: torch.Tensor) -> torch.Tensor:
         return self.strategy.run_G(z)
 
-    def run_D(self, images: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
-        """D's logits on `images`: every D forward of both phases passes here. `frozen` in the G phase
-        (`Strategy.run_D_frozen`: the raw module, D's parameters take no gradient)."""
+    def run_D(self, images: torch.Tensor, aug: augment.Params | None = None, *, frozen: bool = False) -> torch.Tensor:
+        """D's logits on `images` augmented with `aug` (`_aug`'s draw for them): every D forward of both phases
+        passes here. `frozen` in the G phase (`Strategy.run_D_frozen`: the raw module, D's parameters take no
+        gradient)."""
         s = self.strategy
+        images = augment.apply(images, aug)
         return s.run_D_frozen(images) if frozen else s.run_D(images)
+
+    def _aug(self, n: int) -> augment.Params | None:
+        """The augmentation parameters of the next `n` images D sees (None: not augmented)."""
+        return self.augment.sample(n) if self.augment is not None else None
 
     def _fakes(self, z: torch.Tensor) -> torch.Tensor:
         """G(z) for the D step, without a graph (D's update must not reach G)."""
         with torch.no_grad(), self.strategy.autocast():
             return self.run_G(z)
 
-    def _d_forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _d_forward(self, real: torch.Tensor, fake: torch.Tensor, aug_real: augment.Params | None = None,
+                   aug_fake: augment.Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """D's loss and logits on a real and a fake batch.
 
         One forward on their concatenation when D treats every image on its own (`d_concat`): half the
@@ -88,20 +102,23 @@ class GANStep:
         s = self.strategy
         with s.autocast():
             if self.d_concat:
-                c = self.run_D(torch.cat([real, fake]))
+                both = augment.cat_params(aug_real, aug_fake) if aug_real is not None else None
+                c = self.run_D(torch.cat([real, fake]), both)
                 c_real, c_fake = c[: c.shape[0] // 2], c[c.shape[0] // 2:]
             else:
-                c_real, c_fake = self.run_D(real), self.run_D(fake)
+                c_real, c_fake = self.run_D(real, aug_real), self.run_D(fake, aug_fake)
             loss = losses.d_loss(self.cfg.loss.name, c_real, c_fake, means=s.batch_means)
         return loss, c_real, c_fake
 
-    def _g_forward(self, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def _g_forward(self, z: torch.Tensor, real: torch.Tensor, aug_fake: augment.Params | None = None,
+                   aug_real: augment.Params | None = None) -> torch.Tensor:
         """G's loss (call with D frozen): D on G(z) and, for relativistic losses, on the reals."""
         cfg, s = self.cfg, self.strategy
         with s.autocast():
-            c_fake = self.run_D(self.run_G(z), frozen=True)
+            c_fake = self.run_D(self.run_G(z), aug_fake, frozen=True)
             # Relativistic losses compare with reals in the G step too; D is frozen, so no grad flows.
-            c_real = self.run_D(real, frozen=True) if losses.needs_real_in_g_step(cfg.loss.name) else c_fake.detach()
+            c_real = (self.run_D(real, aug_real, frozen=True) if losses.needs_real_in_g_step(cfg.loss.name)
+                      else c_fake.detach())
             return losses.g_loss(cfg.loss.name, c_real, c_fake, means=s.batch_means)
 
     # ---- the phases --------------------------------------------------------------------------------
@@ -110,6 +127,7 @@ class GANStep:
         """One D update on `real` and fresh fakes (`step`: the outer step, for the divergence message)."""
         cfg, s = self.cfg, self.strategy
         fake = self.compiled["fakes"](self.z(real.shape[0]))
+        augs = (self._aug(real.shape[0]), self._aug(fake.shape[0]))
         # Lazy regularisation (StyleGAN2): the penalty on every k-th D step only, weighted k times, so its
         # expected gradient is unchanged; k = loss.penalty_every, counted over D steps from step 0 (resume too).
         k = cfg.loss.penalty_every
@@ -121,15 +139,17 @@ class GANStep:
             # aot_autograd cannot double-backward. Under the same autocast as the loss. The inputs are the
             # images handed to `run_D`, before anything it does to them.
             real, fake = real.detach().requires_grad_(sides[0]), fake.detach().requires_grad_(sides[1])
-            loss, c_real, c_fake = self._d_forward(real, fake)
-            pen = losses.penalty_from_forward(cfg.loss.penalty, real, fake, c_real, c_fake, cfg.loss.penalty_weight,
+            loss, c_real, c_fake = self._d_forward(real, fake, *augs)
+            pen = losses.penalty_from_forward(cfg.loss.penalty, real, fake, c_real, c_fake, self.gamma,
                                               grad_scale=s.grad_scale("d"))
         else:
-            loss, c_real, c_fake = self.compiled["d"](real, fake)
+            loss, c_real, c_fake = self.compiled["d"](real, fake, *augs)
             pen = None
-            if penalised:  # wgan-gp: a forward of its own on interpolates, eager, outside autocast
-                pen = losses.penalty(cfg.loss.penalty, self.run_D, real, fake, cfg.loss.penalty_weight,
-                                     generator=self.gen, grad_scale=s.grad_scale("d"))
+            if penalised:  # wgan-gp: a forward of its own on interpolates (augmented too), eager, outside autocast
+                pen = losses.penalty(cfg.loss.penalty, lambda x: self.run_D(x, self._aug(x.shape[0])), real, fake,
+                                     self.gamma, generator=self.gen, grad_scale=s.grad_scale("d"))
+        if self.augment is not None:  # ADA's statistic (rgan_dist.augment): the relative logit for Ra/Rp losses
+            self.augment.observe(c_real - c_fake if losses.needs_real_in_g_step(cfg.loss.name) else c_real)
         if pen is not None:
             self.last_penalty = pen.detach()
         # The penalty is part of the same loss so there is exactly one backward per D step.
@@ -142,8 +162,10 @@ class GANStep:
     def g_step(self, real: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One G update (D frozen); `real` is read by relativistic losses only."""
         z = self.z(real.shape[0])
+        augs = (self._aug(z.shape[0]), self._aug(real.shape[0]) if losses.needs_real_in_g_step(self.cfg.loss.name)
+                else None)
         with self.strategy.frozen_d():
-            loss = self.compiled["g"](z, real)
+            loss = self.compiled["g"](z, real, *augs)
         stepped = self.guarded_update("g", loss, step)
         return {"g_loss": loss.detach().clone(), "g_stepped": stepped}
 
