@@ -21,7 +21,8 @@ from rgan_dist.errors import UsageError
 
 # Keys that change the model (its shapes, or its state), or the objective being optimised. (dist.strategy is
 # not one: a DDP checkpoint resumes in one process; one that cannot load is its own one-line error.)
-GUARDED = ("model.*", "loss.*", "train.batch_size", "train.n_dis", "train.ema")
+GUARDED = ("model.*", "loss.*", "train.batch_size", "train.n_dis", "train.ema", "augment.*",
+           "schedule.gamma_end")  # augmentation changes what D judges; gamma_end, the penalty's weight
 # Never compared: they say how this job starts, not what it trains.
 IGNORED = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.allow_config_change")
 # Not a config key: the number of ranks, which sets the batch that global Ra/Rc batch means run over.
@@ -45,6 +46,15 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
     a, b = flat(old), flat(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and not _matches(k, IGNORED)}
+
+
+def _with_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before a key existed trained with that key's default (a key is only ever added with
+    the default that keeps the old behaviour), so the missing key is compared as its default, not as None:
+    upgrading rgan-dist must not make an old run unresumable."""
+    defaults = Config().to_dict()
+    return {s: {**defaults.get(s, {}), **sec} if isinstance(sec, dict) else sec
+            for s, sec in {**defaults, **old}.items()}
 
 
 def _matches(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -73,7 +83,7 @@ def check_resume_config(checkpoint_config: str | None, cfg: Config, *, old_world
     if not isinstance(old, dict):
         return None  # a checkpoint without its config (none written so far): nothing to compare
     new = cfg.to_dict()
-    changes = config_changes(old, new)
+    changes = config_changes(_with_defaults(old), new)
     if old_world_size is not None and old_world_size != world_size:
         changes[WORLD_SIZE] = (old_world_size, world_size)
     guarded = [*GUARDED, WORLD_SIZE] if _uses_global_batch_means(new) else list(GUARDED)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import DEMO, TINY
 
 from rgan_dist.config import dump_config, load_config
@@ -81,3 +82,15 @@ def test_world_size_matters_only_where_batch_means_span_the_ranks():
     assert check_resume_config(dump_config(local), local, old_world_size=1, world_size=1, where="ckpt") is None
     # How the job starts is not a change of what it trains.
     assert config_changes(old.to_dict(), load_config(DEMO, [*BASE, "checkpoint.resume=auto"]).to_dict()) == {}
+
+
+def test_a_checkpoint_from_before_a_key_existed_compares_it_as_its_default():
+    """Upgrading must not make an old run unresumable: a key the stored config lacks is its default, which is
+    what that run trained with. A real change of such a key is still refused."""
+    cfg = load_config(DEMO, BASE)
+    stored = yaml.safe_load(dump_config(cfg))
+    del stored["augment"], stored["schedule"], stored["model"]["stage_blocks"]
+    assert check_resume_config(yaml.safe_dump(stored), cfg, old_world_size=1, world_size=1, where="ckpt") is None
+    augmented = load_config(DEMO, [*BASE, "augment.p=0.2", "augment.policy=[translation]"])
+    with pytest.raises(UsageError, match=r"augment\.p 0\.0 -> 0\.2"):
+        check_resume_config(yaml.safe_dump(stored), augmented, old_world_size=1, world_size=1, where="ckpt")
