@@ -32,7 +32,6 @@ from rgan_dist.metrics.evaluator import Evaluator, make_evaluator
 from rgan_dist.models import build_models, describe
 from rgan_dist.run_info import run_tags
 from rgan_dist.samples import save_grid
-from rgan_dist.schedules import hparams_at
 from rgan_dist.tracking import Tracker, make_tracker
 
 __all__ = ["Evaluator", "Trainer", "TrainResult", "TrainingDiverged", "seed_everything", "train"]
@@ -96,25 +95,8 @@ class Trainer:
         self.reals_drawn += real.shape[0]  # what img/s counts: images the steps consumed, nothing assumed
         return real
 
-    def _apply_schedules(self) -> float | None:
-        """Set this step's scheduled hyperparameters (`rgan_dist.schedules`: pure functions of the step, so a
-        resumed run sets what the straight run did); returns the EMA decay for the step (None: train.ema's).
-        Nothing is touched where nothing is scheduled, so such runs step exactly as before."""
-        cfg, s = self.cfg, self.strategy
-        if not cfg.schedule.images and not cfg.schedule.ema_half_life:
-            return None
-        h = hparams_at(cfg, self.step, s.world_size)
-        if cfg.schedule.images:
-            beta1 = cfg.train.betas[0]
-            s.set_hparams("g", lr=h.lr_g, betas=(beta1, h.beta2))
-            s.set_hparams("d", lr=h.lr_d, betas=(beta1, h.beta2))
-            self.gan.gamma = h.gamma
-            if h.augment_p is not None and self.augment is not None:
-                self.augment.set_p(h.augment_p)
-        return h.ema_beta
-
     def train_step(self) -> dict[str, torch.Tensor]:
-        ema_decay = self._apply_schedules()
+        ema_decay = self.gan.set_schedules(self.step)
         real = self._reals()
         for i in range(self.cfg.train.n_dis):
             if i:

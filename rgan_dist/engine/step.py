@@ -26,6 +26,7 @@ from rgan_dist import augment, losses
 from rgan_dist.config import Config
 from rgan_dist.data import to_model_input
 from rgan_dist.engine.strategy import Strategy
+from rgan_dist.schedules import hparams_at
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,7 +49,7 @@ class GANStep:
         # D steps so far (lazy regularisation counts them); the Trainer sets it from a resumed step.
         self.d_steps = 0
         self.last_penalty = torch.zeros((), device=dev)  # logged between lazy penalty steps
-        self.gamma = cfg.loss.penalty_weight  # the penalty weight; the Trainer sets it per step under a schedule
+        self.gamma = cfg.loss.penalty_weight  # the penalty weight; `set_schedules` ramps it under a schedule
         self.augment = augment.from_config(cfg, rank=strategy.rank, world_size=strategy.world_size, device=dev)
         D = strategy.D
         self.d_concat = not any(True for _ in D.buffers()) and not any(
@@ -57,6 +58,24 @@ class GANStep:
         self.compiled = {name: strategy.compile_step(fn, what) for name, fn, what in (
             ("fakes", self._fakes, "G(z) of the D step"), ("d", self._d_forward, "the D step's forward and loss"),
             ("g", self._g_forward, "the G step's forward and loss"))}
+
+    def set_schedules(self, step: int) -> float | None:
+        """Set this step's scheduled hyperparameters (lr, Adam beta2, the penalty's gamma, augmentation p:
+        `rgan_dist.schedules`, pure functions of the step, so a resumed run sets what the straight run did);
+        returns the step's EMA decay (None: train.ema's). Nothing is touched where nothing is scheduled, so such
+        runs step exactly as before."""
+        cfg, s = self.cfg, self.strategy
+        if not cfg.schedule.images and not cfg.schedule.ema_half_life:
+            return None
+        h = hparams_at(cfg, step, s.world_size)
+        if cfg.schedule.images:
+            beta1 = cfg.train.betas[0]
+            s.set_hparams("g", lr=h.lr_g, betas=(beta1, h.beta2))
+            s.set_hparams("d", lr=h.lr_d, betas=(beta1, h.beta2))
+            self.gamma = h.gamma
+            if h.augment_p is not None and self.augment is not None:
+                self.augment.set_p(h.augment_p)
+        return h.ema_beta
 
     # ---- inputs ------------------------------------------------------------------------------------
 
