@@ -29,7 +29,10 @@ calls `trainer.train_step()` until the next budget point, then `trainer.evaluate
 config asks for) and `trainer.save_samples()`. No second training loop.
 
 **Variants** (`--variants`, keys or labels): the paper's two optimizer setups, as in `configs/paper/`:
-- no penalty: setup 1 of Table 1, lr 2e-4, Adam betas (0.5, 0.999), n_D = 1, BatchNorm in D (DCGAN).
+- no penalty: setup 1 of Table 1, lr 2e-4, Adam betas (0.5, 0.999), n_D = 1, on the paper's stable D:
+  spectral norm on every D conv, no BatchNorm in D (the official `stable.sh --spectral True`; REFERENCES.md,
+  "Architectures"). `sgan-bn`/`rasgan-bn` keep DCGAN's BatchNorm D: an extra row, not the paper's setup
+  (with it RaSGAN collapses in the official code too; REFERENCES.md, "The official code beside ours").
 - WGAN-GP (n_D = 5), RSGAN-GP, RaSGAN-GP (n_D = 1): setup 2 of Table 1, lr 1e-4, betas (0.5, 0.9),
   penalty weight 10, no BatchNorm in D (a per-sample gradient penalty is ill-defined through batch
   statistics).

@@ -98,7 +98,13 @@ def test_variants_are_named_by_key_or_label_and_gp_variants_use_setup_2():
     assert ttq.variant_key("RaSGAN-GP") == ttq.variant_key("rasgan-gp") == "rasgan-gp"
     with pytest.raises(ValueError, match="unknown variant"):
         ttq.variant_key("dcgan")
-    assert len(ttq.VARIANTS) == 11
+    assert len(ttq.VARIANTS) == 13
+    for key in ("sgan", "rsgan", "rasgan", "lsgan", "ralsgan", "hinge", "rahinge"):  # the paper's stable D
+        assert {"loss.penalty=none", "model.spectral_norm=true", "model.d_batch_norm=false"} <= set(
+            ttq.VARIANTS[key].overrides), key
+    for key in ("sgan-bn", "rasgan-bn"):  # the labelled extra rows keep DCGAN's BatchNorm D
+        assert "model.d_batch_norm=true" in ttq.VARIANTS[key].overrides
+        assert "BatchNorm" in ttq.VARIANTS[key].label
     for key in ("wgan-gp", "rsgan-gp", "rasgan-gp"):
         o = ttq.VARIANTS[key].overrides
         setup_2 = {"loss.penalty=wgan-gp", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "model.d_batch_norm=false"}

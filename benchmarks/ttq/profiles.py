@@ -13,6 +13,9 @@ CONFIG = REPO / "configs" / "benchmarks" / "time_to_quality.yaml"
 FORMAT = "rgan-time-to-quality/1"
 CLOCKS = ("process_cpu", "wall")
 SETUP_1 = ("train.lr_g=2e-4", "train.lr_d=2e-4", "train.betas=[0.5, 0.999]", "train.n_dis=1")
+# The paper's stable D for the unpenalised losses: spectral norm, no BatchNorm (official stable.sh).
+PAPER_D = ("model.spectral_norm=true", "model.d_batch_norm=false")
+BATCHNORM_D = ("model.spectral_norm=false", "model.d_batch_norm=true")
 SETUP_2_GP = ("train.lr_g=1e-4", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "loss.penalty=wgan-gp",
               "loss.penalty_weight=10", "model.d_batch_norm=false")
 R3GAN_GAMMA = 0.1
@@ -26,13 +29,16 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.key: v for v in (
-    Variant("sgan", "SGAN", ("loss.name=sgan", "loss.penalty=none", *SETUP_1)),
-    Variant("rsgan", "RSGAN", ("loss.name=rsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("rasgan", "RaSGAN", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1)),
-    Variant("lsgan", "LSGAN", ("loss.name=lsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("ralsgan", "RaLSGAN", ("loss.name=ralsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("hinge", "HingeGAN", ("loss.name=hinge", "loss.penalty=none", *SETUP_1)),
-    Variant("rahinge", "RaHingeGAN", ("loss.name=rahinge", "loss.penalty=none", *SETUP_1)),
+    Variant("sgan", "SGAN", ("loss.name=sgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rsgan", "RSGAN", ("loss.name=rsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rasgan", "RaSGAN", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("lsgan", "LSGAN", ("loss.name=lsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("ralsgan", "RaLSGAN", ("loss.name=ralsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("hinge", "HingeGAN", ("loss.name=hinge", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rahinge", "RaHingeGAN", ("loss.name=rahinge", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("sgan-bn", "SGAN (BatchNorm D)", ("loss.name=sgan", "loss.penalty=none", *SETUP_1, *BATCHNORM_D)),
+    Variant("rasgan-bn", "RaSGAN (BatchNorm D)", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1,
+                                                  *BATCHNORM_D)),
     Variant("wgan-gp", "WGAN-GP", ("loss.name=wgan", *SETUP_2_GP, "train.n_dis=5")),
     Variant("rsgan-gp", "RSGAN-GP", ("loss.name=rsgan", *SETUP_2_GP, "train.n_dis=1")),
     Variant("rasgan-gp", "RaSGAN-GP", ("loss.name=rasgan", *SETUP_2_GP, "train.n_dis=1")),
@@ -100,7 +106,8 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
                    batch_size=64, stacked_count=20_000, eval_batch=50, workloads={
                        "stacked": WorkloadProfile(150.0, (0.25, 0.5, 0.75, 1.0),
-                                                  ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2"),
+                                                  ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2",
+                                                   "rasgan-bn"),
                                                   32, 26_000),
                        "emoji": WorkloadProfile(120.0, (1.0,), ("sgan", "rasgan", "wgan-gp", "rasgan-gp"), 32,
                                                 1000)}),
