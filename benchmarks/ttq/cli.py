@@ -56,8 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch's default)")
     ap.add_argument("--parallel", type=int, default=None, help="runs at once, each its own process")
-    ap.add_argument("--target-modes", default="final:wgan-gp",
-                    help="modes target: a number or final:VARIANT (default final:wgan-gp)")
+    ap.add_argument("--target-modes", default=None,
+                    help="modes target: a number or final:VARIANT (default final:wgan-gp; cpu-long: 995)")
     ap.add_argument("--target-fid", default="final:wgan-gp",
                     help="FID target: a number or final:VARIANT (default final:wgan-gp)")
     ap.add_argument("--emoji-dir", type=Path, default=Path("data/emoji"),
@@ -105,6 +105,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 data_seed=wp.data_seed if args.data_seed is None else args.data_seed)
             budget_points(wp.budget_s, wp.fractions)
             args.workload_profiles[w] = wp
+        args.target_modes = args.target_modes or p.target_modes
         for t in (args.target_modes, args.target_fid):
             check_target(t)
     except ValueError as e:
@@ -143,7 +144,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args._run:
         return worker_main(args._run)
     results = Results(args.out / "results.json")
-    targets = {"stacked": args.target_modes, "emoji": args.target_fid}
+    targets = {"stacked": args.target_modes, "emoji": args.target_fid, "smalldata": None}
     if args.report_only:
         if not results.runs:
             raise usage_error(f"{results.path}: no finished runs to report")
