@@ -159,6 +159,9 @@ def test_recipe_variants_are_the_recipe_file_with_one_part_swapped():
         method = [k for k in recipe if k.split(".")[0] in METHOD_SECTIONS and k not in HARNESS_KEYS]
         assert {k: got[k] for k in method} == {k: want[k] for k in method}, spec.name
         assert got["data.shards"] == DATA[spec.workload] and got["train.seed"] == 0
+        if spec.workload == "smalldata":  # FID of the 2,011-image G against every image of the vendor
+            assert got["eval.reference_data"] == "data/all" and got["eval.reference_samples"] >= 10**6
+            assert got["eval.num_samples"] >= 2000 and got["model.resolution"] == 64
     defaults = load_config(None).flat()
     for o in R3GAN_KEYS_OFF:  # the values the recipe with another architecture sets are the defaults
         key = o.partition("=")[0]
