@@ -67,7 +67,6 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
     Variant("recipe-sgan", "Recipe, SGAN", ("loss.name=sgan",), RECIPE_FILES),
     Variant("recipe-noaug", "Recipe, no augmentation", ("augment.policy=[]", "augment.p=0.0"), RECIPE_FILES),
 )}
-PAPER_VARIANTS = tuple(k for k, v in VARIANTS.items() if not v.recipes)
 
 
 # Small data (issue 21, 6b): the seed paper's 256x256 claim trains on 2,011 CAT images; the benchmark draws
