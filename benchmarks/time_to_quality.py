@@ -5,6 +5,7 @@ Usage (a fresh clone, after `pip install -e .`; emoji need `bash ../shared/data/
 
     python benchmarks/time_to_quality.py --profile smoke                 # ~1-2 min, what the test runs
     nohup python benchmarks/time_to_quality.py --profile cpu --out runs/ttq-cpu > ttq-cpu.log 2>&1 &
+    nohup python benchmarks/time_to_quality.py --profile cpu-long --out runs/ttq-long > ttq-long.log 2>&1 &
     python benchmarks/time_to_quality.py --profile gpu --out runs/ttq-gpu
     python benchmarks/time_to_quality.py --out runs/ttq-cpu --report-only   # table + plots from the JSON
 
@@ -29,18 +30,35 @@ calls `trainer.train_step()` until the next budget point, then `trainer.evaluate
 config asks for) and `trainer.save_samples()`. No second training loop.
 
 **Variants** (`--variants`, keys or labels): the paper's two optimizer setups, as in `configs/paper/`:
-- no penalty: setup 1 of Table 1, lr 2e-4, Adam betas (0.5, 0.999), n_D = 1, BatchNorm in D (DCGAN).
+- no penalty: setup 1 of Table 1, lr 2e-4, Adam betas (0.5, 0.999), n_D = 1, on the paper's stable D:
+  spectral norm on every D conv, no BatchNorm in D (the official `stable.sh --spectral True`; REFERENCES.md,
+  "Architectures"). `sgan-bn`/`rasgan-bn` keep DCGAN's BatchNorm D: an extra row, not the paper's setup
+  (with it RaSGAN collapses in the official code too; REFERENCES.md, "The official code beside ours").
 - WGAN-GP (n_D = 5), RSGAN-GP, RaSGAN-GP (n_D = 1): setup 2 of Table 1, lr 1e-4, betas (0.5, 0.9),
   penalty weight 10, no BatchNorm in D (a per-sample gradient penalty is ill-defined through batch
   statistics).
 - RpGAN + R1 + R2 (R3GAN's objective, with our DCGAN, not R3GAN's network): setup-1 optimizer, no
   BatchNorm in D, gamma = 0.1 (R1 and R2 each gamma/2 E||grad||^2). R3GAN tunes gamma per data set;
   0.1 is our untuned choice for 32x32 images, not a value taken from its paper.
+- The recipe (`recipe`; issue 21): a run starts from the project's recipe for the workload's kind of data,
+  `configs/recipes/stacked_digits.yaml` (Stacked-Digits) or `configs/recipes/small_data.yaml` (emoji, small
+  data): R3GAN's network, RpGAN + R1 + R2, Adam beta1 = 0, its ramps, the EMA, augmentation on small data. The
+  recipe's method (model, loss, optimiser, EMA, augmentation, schedules) is read from the file, so it is defined
+  once (`benchmarks/ttq/recipe.py`); the benchmark keeps the data, resolution, metric, seed and budget. Beside it,
+  the recipe with one part swapped: `recipe-dcgan` (model.arch=dcgan), `recipe-rasgan`, `recipe-ralsgan`,
+  `recipe-sgan` (loss.name), `recipe-noaug` (no `augment:`).
+
+**Profiles**: `smoke` (the test), `cpu` (the paper's losses, ~1 h on 2 cores), `cpu-long` (issue 21: the
+recipe and its swaps at 20 CPU-minutes a run, Stacked-Digits and small data; sizes and cost in
+`benchmarks/ttq/profiles.py`), `gpu` (every variant, for a lent GPU; never in CI).
 
 **Workloads**: `stacked` (Stacked-Digits 32x32, 1000 modes, metric `modes` and `modes_kl`; shards made
-once with `rgan shards sklearn:stacked-digits`, the same images for every seed) and `emoji` (real emoji,
-32x32 on CPU, 64x64 on GPU, FID + KID; shards made once from `--emoji-dir`). FID reference statistics are
-computed once, before the runs.
+once with `rgan shards sklearn:stacked-digits --seed DATA_SEED`, the same images for every seed), `emoji` (real
+emoji, 32x32 on CPU, 64x64 on GPU, FID + KID; shards made once from `--emoji-dir`) and `smalldata` (the seed
+paper's small-data claim at its size: exactly 2,011 apple emoji at 64x64, a draw seeded by DATA_SEED, FID + KID
+of N generated images against every apple emoji). The data seed is the profile's (`cpu-long`: one no recipe
+was tuned on) or `--data-seed`; it is recorded with every run and checked on resume. FID reference statistics
+are computed once, before the runs.
 
 **Output** in `--out`: `results.json` (every point of every run, machine, torch, configs, clock; one run
 appended as it finishes), `results.md` (the section that goes into benchmarks/RESULTS.md: per-seed table,

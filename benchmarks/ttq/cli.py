@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ttq.data import prepare_data
 from benchmarks.ttq.measure import budget_points, check_target, variant_key
 from benchmarks.ttq.parent import ParentRun
 from benchmarks.ttq.profiles import CLOCKS, CONFIG, PROFILES, SCRIPT, VARIANTS, WORKLOADS, usage_error
 from benchmarks.ttq.report import write_report
 from benchmarks.ttq.results import Results, machine_info
 from benchmarks.ttq.run import plan_runs, worker_main
-from benchmarks.ttq.runner import prepare_data, run_all, warm_reference
+from benchmarks.ttq.runner import run_all, warm_reference
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -38,25 +39,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="budgets, eval points, N, model size (default smoke); every value below overrides it")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default runs/time_to_quality-PROFILE)")
     ap.add_argument("--workloads", default=None, help="comma list of: " + ", ".join(WORKLOADS)
-                    + " (default: both for cpu/gpu, stacked for smoke)")
+                    + " (default: the profile's workloads; stacked for smoke)")
     ap.add_argument("--variants", default=None, help="comma list of keys or labels: " + ", ".join(VARIANTS))
     ap.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2; smoke 0,1)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of the budget clock per run")
     ap.add_argument("--points", default=None, help="budget fractions to evaluate at, e.g. 0.25,0.5,0.75,1")
     ap.add_argument("--eval-samples", type=int, default=None, help="N generated samples per evaluation")
-    ap.add_argument("--resolution", type=int, default=None, help="emoji resolution (stacked is always 32)")
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="emoji and small-data resolution (stacked is always 32)")
     ap.add_argument("--width", type=int, default=None, help="model.width")
     ap.add_argument("--batch-size", type=int, default=None, help="train.batch_size")
     ap.add_argument("--stacked-count", type=int, default=None, help="Stacked-Digits training images")
+    ap.add_argument("--data-seed", type=int, default=None,
+                    help="seed of the Stacked-Digits draw and of the small-data subset (default: the profile's)")
     ap.add_argument("--clock", choices=CLOCKS, default=None, help="budget clock (module docstring)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch's default)")
     ap.add_argument("--parallel", type=int, default=None, help="runs at once, each its own process")
-    ap.add_argument("--target-modes", default="final:wgan-gp",
-                    help="modes target: a number or final:VARIANT (default final:wgan-gp)")
+    ap.add_argument("--target-modes", default=None,
+                    help="modes target: a number or final:VARIANT (default final:wgan-gp; cpu-long: 995)")
     ap.add_argument("--target-fid", default="final:wgan-gp",
                     help="FID target: a number or final:VARIANT (default final:wgan-gp)")
-    ap.add_argument("--emoji-dir", type=Path, default=Path("data/emoji"), help="emoji images (default data/emoji)")
+    ap.add_argument("--emoji-dir", type=Path, default=Path("data/emoji"),
+                    help="emoji images, one folder per vendor (default data/emoji)")
     ap.add_argument("--data-dir", type=Path, default=None, help="where shards are made (default OUT/data)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable), e.g. tracking.enabled=false")
@@ -72,10 +77,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.data_dir = args.data_dir or args.out / "data"
     try:
         args.workloads = _csv(args.workloads) if args.workloads else (["stacked"] if args.profile == "smoke"
-                                                                      else list(WORKLOADS))
+                                                                      else list(p.workloads))
         for w in args.workloads:
             if w not in WORKLOADS:
                 raise ValueError(f"--workloads: unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+            if w not in p.workloads:
+                have = [n for n, q in PROFILES.items() if w in q.workloads]
+                raise ValueError(f"--workloads {w}: not in profile {args.profile} (its workloads: "
+                                 f"{', '.join(p.workloads)}); profiles with it: {', '.join(have)}")
+        if args.data_seed is not None and args.data_seed < 0:
+            raise ValueError(f"--data-seed {args.data_seed}: must be >= 0")
         variants = tuple(dict.fromkeys(variant_key(v) for v in _csv(args.variants))) if args.variants else None
         try:
             args.seeds = list(dict.fromkeys(int(s) for s in _csv(args.seeds))) if args.seeds else list(p.seeds)
@@ -90,9 +101,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             wp = dataclasses.replace(
                 wp, budget_s=args.budget or wp.budget_s, fractions=fractions or wp.fractions,
                 variants=variants or wp.variants, eval_samples=args.eval_samples or wp.eval_samples,
-                resolution=(args.resolution or wp.resolution) if w == "emoji" else 32)
+                resolution=(args.resolution or wp.resolution) if w != "stacked" else 32,
+                data_seed=wp.data_seed if args.data_seed is None else args.data_seed)
             budget_points(wp.budget_s, wp.fractions)
             args.workload_profiles[w] = wp
+        args.target_modes = args.target_modes or p.target_modes
         for t in (args.target_modes, args.target_fid):
             check_target(t)
     except ValueError as e:
@@ -131,7 +144,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args._run:
         return worker_main(args._run)
     results = Results(args.out / "results.json")
-    targets = {"stacked": args.target_modes, "emoji": args.target_fid}
+    targets = {"stacked": args.target_modes, "emoji": args.target_fid, "smalldata": None}
     if args.report_only:
         if not results.runs:
             raise usage_error(f"{results.path}: no finished runs to report")
@@ -145,14 +158,16 @@ def _main(argv: Sequence[str] | None) -> int:
 
     try:  # every override checked before anything starts: a bad --set fails in one line, not in N runs
         base = load_config(CONFIG, args.set)
-        probe = plan_runs(args, {w: "probe" for w in args.workloads})
+        probe = plan_runs(args, {w: "probe" for w in args.workloads}, {w: "probe-reference" for w in args.workloads
+                                                                       if w == "smalldata"})
         for spec in probe:
             load_config(CONFIG, spec.overrides)
-    except UsageError as e:
+    except (UsageError, ValueError) as e:
         raise usage_error(str(e)) from None
     if args.dry_run:
         for spec in probe:
-            print(f"{spec.name}: budgets {[round(b, 1) for b in spec.budgets]} s, clock {spec.clock}; "
+            seed = f", data seed {spec.data_seed}" if spec.data_seed else ""
+            print(f"{spec.name}: budgets {[round(b, 1) for b in spec.budgets]} s, clock {spec.clock}{seed}; "
                   + " ".join(spec.overrides))
         return 0
     if args.device == "cuda":
@@ -160,15 +175,16 @@ def _main(argv: Sequence[str] | None) -> int:
 
         if not torch.cuda.is_available():
             raise usage_error("--device cuda (the gpu profile): no CUDA device here; use --profile cpu")
-    data = {w: prepare_data(w, args, args.workload_profiles[w].resolution) for w in args.workloads}
-    specs = plan_runs(args, data)
+    made = {w: prepare_data(w, args, wp.resolution, wp.data_seed) for w, wp in args.workload_profiles.items()}
+    specs = plan_runs(args, {w: m[0] for w, m in made.items()}, {w: m[1] for w, m in made.items() if m[1]})
     todo = [s for s in specs if results.finished(s) is None]
     given = list(argv) if argv is not None else sys.argv[1:]
     if todo:  # the invocations that ran something: the report names them (command, machine, load)
         results.data.setdefault("invocations", []).append({
             "command": shlex.join(["python", "benchmarks/time_to_quality.py", *given]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "profile": args.profile, "clock": args.clock,
-            "machine": machine_info(args.device), "planned": len(specs), "to_run": len(todo)})
+            "machine": machine_info(args.device), "planned": len(specs), "to_run": len(todo),
+            "data_seeds": {w: wp.data_seed for w, wp in args.workload_profiles.items()}})
     results.data["clock"] = args.clock
     print(f"ttq: {len(specs)} runs planned, {len(specs) - len(todo)} already finished in {results.path}, "
           f"{len(todo)} to run, {args.parallel} at a time; clock {args.clock}", flush=True)

@@ -1,10 +1,11 @@
 """What the time-to-quality benchmark compares and at what size: the loss variants (the paper's two
-optimizer setups), the workloads, and the profiles (smoke, cpu, gpu) that size budgets, seeds and evaluation."""
+optimizer setups, and the modern recipe with one part swapped), the workloads, and the profiles (smoke, cpu,
+cpu-long, gpu) that size budgets, seeds, data and evaluation."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -13,33 +14,67 @@ CONFIG = REPO / "configs" / "benchmarks" / "time_to_quality.yaml"
 FORMAT = "rgan-time-to-quality/1"
 CLOCKS = ("process_cpu", "wall")
 SETUP_1 = ("train.lr_g=2e-4", "train.lr_d=2e-4", "train.betas=[0.5, 0.999]", "train.n_dis=1")
+# The paper's stable D for the unpenalised losses: spectral norm, no BatchNorm (official stable.sh).
+PAPER_D = ("model.spectral_norm=true", "model.d_batch_norm=false")
+BATCHNORM_D = ("model.spectral_norm=false", "model.d_batch_norm=true")
 SETUP_2_GP = ("train.lr_g=1e-4", "train.lr_d=1e-4", "train.betas=[0.5, 0.9]", "loss.penalty=wgan-gp",
               "loss.penalty_weight=10", "model.d_batch_norm=false")
 R3GAN_GAMMA = 0.1
+# The project's recipes (configs/recipes/), one per kind of data: a recipe variant starts from the file its
+# workload names here, so the recipe is defined once, in its YAML (benchmarks/ttq/recipe.py).
+RECIPE_FILES = {"stacked": "configs/recipes/stacked_digits.yaml", "smalldata": "configs/recipes/small_data.yaml",
+                "emoji": "configs/recipes/small_data.yaml"}
+
+# r3gan's layout keys at their defaults (tests/test_time_to_quality.py checks they are): the recipe with
+# another architecture, which refuses them when set.
+R3GAN_KEYS_OFF = ("model.stage_widths=[]", "model.stage_blocks=2", "model.cardinality=0", "model.expansion=2")
 
 
 @dataclass(frozen=True)
 class Variant:
+    """A row of the tables: `overrides` on top of the benchmark config, or, for a recipe variant
+    (`recipes` maps workload -> YAML), on top of that workload's recipe."""
+
     key: str
     label: str
     overrides: tuple[str, ...]
+    recipes: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 VARIANTS: dict[str, Variant] = {v.key: v for v in (
-    Variant("sgan", "SGAN", ("loss.name=sgan", "loss.penalty=none", *SETUP_1)),
-    Variant("rsgan", "RSGAN", ("loss.name=rsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("rasgan", "RaSGAN", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1)),
-    Variant("lsgan", "LSGAN", ("loss.name=lsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("ralsgan", "RaLSGAN", ("loss.name=ralsgan", "loss.penalty=none", *SETUP_1)),
-    Variant("hinge", "HingeGAN", ("loss.name=hinge", "loss.penalty=none", *SETUP_1)),
-    Variant("rahinge", "RaHingeGAN", ("loss.name=rahinge", "loss.penalty=none", *SETUP_1)),
+    Variant("sgan", "SGAN", ("loss.name=sgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rsgan", "RSGAN", ("loss.name=rsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rasgan", "RaSGAN", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("lsgan", "LSGAN", ("loss.name=lsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("ralsgan", "RaLSGAN", ("loss.name=ralsgan", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("hinge", "HingeGAN", ("loss.name=hinge", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("rahinge", "RaHingeGAN", ("loss.name=rahinge", "loss.penalty=none", *SETUP_1, *PAPER_D)),
+    Variant("sgan-bn", "SGAN (BatchNorm D)", ("loss.name=sgan", "loss.penalty=none", *SETUP_1, *BATCHNORM_D)),
+    Variant("rasgan-bn", "RaSGAN (BatchNorm D)", ("loss.name=rasgan", "loss.penalty=none", *SETUP_1,
+                                                  *BATCHNORM_D)),
     Variant("wgan-gp", "WGAN-GP", ("loss.name=wgan", *SETUP_2_GP, "train.n_dis=5")),
     Variant("rsgan-gp", "RSGAN-GP", ("loss.name=rsgan", *SETUP_2_GP, "train.n_dis=1")),
     Variant("rasgan-gp", "RaSGAN-GP", ("loss.name=rasgan", *SETUP_2_GP, "train.n_dis=1")),
     Variant("rpgan-r1r2", "RpGAN+R1+R2", ("loss.name=rsgan", "loss.penalty=r1+r2",
                                           f"loss.penalty_weight={R3GAN_GAMMA}", "model.d_batch_norm=false",
                                           *SETUP_1)),
+    # The modern recipe (issue 21): R3GAN's network, RpGAN + R1 + R2, its ramps (and augmentation on small
+    # data), and the recipe with one part swapped, at the same budget.
+    Variant("recipe", "Recipe", (), RECIPE_FILES),
+    Variant("recipe-dcgan", "Recipe, DCGAN", ("model.arch=dcgan", *R3GAN_KEYS_OFF), RECIPE_FILES),
+    Variant("recipe-rasgan", "Recipe, RaSGAN", ("loss.name=rasgan",), RECIPE_FILES),
+    Variant("recipe-ralsgan", "Recipe, RaLSGAN", ("loss.name=ralsgan",), RECIPE_FILES),
+    Variant("recipe-sgan", "Recipe, SGAN", ("loss.name=sgan",), RECIPE_FILES),
+    Variant("recipe-noaug", "Recipe, no augmentation", ("augment.policy=[]", "augment.p=0.0"), RECIPE_FILES),
 )}
+
+
+# Small data (issue 21, 6b): the seed paper's 256x256 claim trains on 2,011 CAT images; the benchmark draws
+# that many emoji of one vendor (a seeded subset) and judges FID against every image of that vendor.
+SMALL_DATA_COUNT = 2011
+SMALL_DATA_VENDOR = "apple"
+# A data seed no recipe was tuned on: `rgan shards sklearn:stacked-digits --seed` and the small-data subset draw.
+UNTUNED_DATA_SEED = 2026
 
 
 @dataclass(frozen=True)
@@ -55,8 +90,11 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("stacked", "Stacked-Digits", "modes", "modes_kl", True, "modes covered (of 1000)"),
     Workload("emoji", "Emoji", "fid", "kid", False, "FID"),
+    Workload("smalldata", f"Small data ({SMALL_DATA_COUNT:,} {SMALL_DATA_VENDOR} emoji)", "fid", "kid", False,
+             f"FID vs all {SMALL_DATA_VENDOR} emoji"),
 )}
-METRIC_OVERRIDES = {"stacked": ("eval.metrics=[modes]",), "emoji": ("eval.metrics=[fid, kid]",)}
+METRIC_OVERRIDES = {"stacked": ("eval.metrics=[modes]",), "emoji": ("eval.metrics=[fid, kid]",),
+                    "smalldata": ("eval.metrics=[fid, kid]",)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +104,8 @@ class WorkloadProfile:
     variants: tuple[str, ...]
     resolution: int
     eval_samples: int
+    data_seed: int = 0      # the Stacked-Digits draw / the small-data subset; recorded with every run
+    first_seed_only: tuple[str, ...] = ()  # variants run on the first seed only (a one-seed comparison row)
 
 
 @dataclass(frozen=True)
@@ -82,9 +122,12 @@ class Profile:
     stacked_count: int      # Stacked-Digits training images
     eval_batch: int         # generator/Inception batch of an evaluation (values do not depend on it: G in eval mode)
     workloads: dict[str, WorkloadProfile]
+    target_modes: str = "final:wgan-gp"  # the report's Stacked-Digits target (--target-modes)
 
 
 ALL = tuple(VARIANTS)
+RECIPE_SWAPS = ("recipe-dcgan", "recipe-rasgan", "recipe-sgan")
+SMALL_DATA_VARIANTS = ("recipe", "recipe-noaug", "recipe-rasgan", "recipe-ralsgan", "recipe-sgan")
 PROFILES: dict[str, Profile] = {
     # The test's profile: a few seconds of training per run, small N; shows the machinery, not a result.
     "smoke": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1), width=16,
@@ -100,16 +143,35 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
                    batch_size=64, stacked_count=20_000, eval_batch=50, workloads={
                        "stacked": WorkloadProfile(150.0, (0.25, 0.5, 0.75, 1.0),
-                                                  ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2"),
+                                                  ("sgan", "rsgan", "rasgan", "wgan-gp", "rasgan-gp", "rpgan-r1r2",
+                                                   "rasgan-bn"),
                                                   32, 26_000),
                        "emoji": WorkloadProfile(120.0, (1.0,), ("sgan", "rasgan", "wgan-gp", "rasgan-gp"), 32,
                                                 1000)}),
-    # One GPU: every variant, emoji at 64x64, FID of 10k samples at several points. 11 variants x 3 seeds x
-    # (300 s + 600 s) of training is ~8.3 h plus evaluation; select variants/seeds to fit what you have.
+    # Issue 21, 6a/6b: the recipe at 20 CPU-minutes per run (process CPU, 1 thread). Stacked-Digits on shards of
+    # an untuned data seed: the recipe over 3 seeds, the swaps and the paper's baselines (RaSGAN on the
+    # spectral-norm D, RpGAN + R1 + R2 on DCGAN) on seed 0, modes of 26k samples at 4 points: 8 runs x
+    # (1200 + 4 x 12 + 8) ~ 10,000 CPU s, ~84 min on 2 quiet cores. Small data: 2,011 apple emoji at 64x64, FID
+    # (and KID) of 2,000 samples against all apple emoji at the end only (~2000 / 8 = 250 s), 5 variants x 3
+    # seeds x (1200 + 250 + 8) ~ 21,900 CPU s, ~3 h on 2 cores, plus ~8 min once for the reference statistics.
+    "cpu-long": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
+                        batch_size=64, stacked_count=20_000, eval_batch=50, workloads={
+                            "stacked": WorkloadProfile(1200.0, (0.25, 0.5, 0.75, 1.0),
+                                                       ("recipe", *RECIPE_SWAPS, "rasgan", "rpgan-r1r2"), 32, 26_000,
+                                                       data_seed=UNTUNED_DATA_SEED,
+                                                       first_seed_only=(*RECIPE_SWAPS, "rasgan", "rpgan-r1r2")),
+                            "smalldata": WorkloadProfile(1200.0, (1.0,), SMALL_DATA_VARIANTS, 64, 2000,
+                                                         data_seed=UNTUNED_DATA_SEED)},
+                        target_modes="995"),  # issue 21's bar: >= 995 modes (and KL <= 0.05)
+    # One GPU: every variant, emoji at 64x64, FID of 10k samples at several points. 3 seeds x (18 x 300 s +
+    # 19 x 600 s + 5 x 600 s) of training is ~16.5 h plus evaluation; select variants/seeds to fit what you have.
     "gpu": Profile(clock="wall", device="cuda", threads=0, parallel=1, seeds=(0, 1, 2), width=64,
                    batch_size=64, stacked_count=50_000, eval_batch=500, workloads={
-                       "stacked": WorkloadProfile(300.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 32, 26_000),
-                       "emoji": WorkloadProfile(600.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 64, 10_000)}),
+                       "stacked": WorkloadProfile(300.0, (0.1, 0.25, 0.5, 0.75, 1.0),
+                                                  tuple(k for k in ALL if k != "recipe-noaug"), 32, 26_000),
+                       "emoji": WorkloadProfile(600.0, (0.1, 0.25, 0.5, 0.75, 1.0), ALL, 64, 10_000),
+                       "smalldata": WorkloadProfile(600.0, (0.1, 0.25, 0.5, 0.75, 1.0), SMALL_DATA_VARIANTS, 64,
+                                                    10_000, data_seed=UNTUNED_DATA_SEED)}),
 }
 
 

@@ -42,10 +42,11 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
         target_text = f"Target: {wl.metric} {'>=' if wl.higher_is_better else '<='} {tgt[1]}."
     else:
         target_text = f"Target {target}: no such runs here." if target else "No target given."
+    reference = cfg.get("eval.reference_data")
+    against = f" against every image of `{Path(reference).name}`" if reference else ""
     lines.append(f"Budget {_secs(budgets[-1])} per run ({_clock_words(first['settings']['clock'])}); evaluated at "
-                 f"{', '.join(_secs(b) for b in budgets)}; N = {n_eval} generated samples per evaluation; "
-                 f"{cfg.get('model.arch')} width {cfg.get('model.width')}, batch {cfg.get('train.batch_size')}. "
-                 + target_text)
+                 f"{', '.join(_secs(b) for b in budgets)}; N = {n_eval} generated samples per evaluation{against}; "
+                 f"data seed {first['settings'].get('data_seed', 0)}; {_models(runs)}. " + target_text)
     lines.append("")
     head = ["variant", "seed", *[f"{wl.metric} @ {_secs(b)}" for b in budgets], f"{wl.secondary} @ end",
             "G steps", "time to target"]
@@ -83,6 +84,19 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
     if plot:
         lines += ["", f"![{wl.title}: {wl.metric} vs budget seconds]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _models(runs: list[dict[str, Any]]) -> str:
+    """The model and batch of the runs: one phrase when every variant shares them, else one per variant."""
+    def text(cfg: dict[str, Any]) -> str:
+        arch = cfg.get("model.arch")
+        size = f"stage widths {cfg.get('model.stage_widths')}" if arch == "r3gan" else f"width {cfg.get('model.width')}"
+        return f"{arch} {size}, batch {cfg.get('train.batch_size')}"
+
+    per = {r["label"]: text(r.get("config", {})) for r in runs}
+    if len(set(per.values())) == 1:
+        return next(iter(per.values()))
+    return "; ".join(f"{label}: {t}" for label, t in per.items())
 
 
 def _clock_words(clock: str) -> str:

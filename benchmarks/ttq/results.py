@@ -38,9 +38,10 @@ class Results:
         budgets never end up in one table."""
         for r in self.runs:
             if (r["workload"], r["variant"], r["seed"]) == spec.key:
-                if r.get("settings") != spec.settings():
+                stored = {"data_seed": 0, **(r.get("settings") or {})}  # records from before data seeds: seed 0
+                if stored != spec.settings():
                     raise usage_error(f"{self.path} holds {spec.name} made with other settings "
-                                      f"({_settings_diff(r.get('settings') or {}, spec.settings())}); use another "
+                                      f"({_settings_diff(stored, spec.settings())}); use another "
                                       f"--out or the same flags")
                 return r
         return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from benchmarks.ttq.measure import budget_points, fmt_value, train_until
 from benchmarks.ttq.profiles import CONFIG, METRIC_OVERRIDES, VARIANTS, WORKLOADS
+from benchmarks.ttq.recipe import recipe_overrides
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RunSpec:
     clock: str
     threads: int
     out_dir: str
+    data_seed: int = 0
     parent_run_id: str | None = None
 
     @property
@@ -42,40 +44,63 @@ class RunSpec:
         return f"{self.workload}-{self.variant}-seed{self.seed}"
 
     def settings(self) -> dict[str, Any]:
-        """What must match for a stored record to count as this run (paths and tracking excluded)."""
-        keep = [o for o in self.overrides if not o.startswith(("run.", "tracking.", "data.shards="))]
+        """What must match for a stored record to count as this run (paths and tracking excluded; the data is
+        named by its seed)."""
+        keep = [o for o in self.overrides if not o.startswith(("run.", "tracking.", "data.shards=",
+                                                                "eval.reference_data="))]
         return {"budgets": [round(b, 6) for b in self.budgets], "clock": self.clock, "threads": self.threads,
-                "overrides": keep}
+                "overrides": keep, "data_seed": self.data_seed}
 
 
-def plan_runs(args: argparse.Namespace, data: dict[str, str]) -> list[RunSpec]:
-    """Seed-major order (seed 0 of every variant first), so a partial benchmark already compares variants."""
+def plan_runs(args: argparse.Namespace, data: dict[str, str], references: dict[str, str] | None = None
+              ) -> list[RunSpec]:
+    """Seed-major order (seed 0 of every variant first), so a partial benchmark already compares variants.
+    `data`: each workload's training shards; `references`: the FID reference data of a workload whose
+    reference is not its training data (small data: the whole vendor set)."""
     out: list[RunSpec] = []
     for wname in args.workloads:
         wp = args.workload_profiles[wname]
         budgets = budget_points(wp.budget_s, wp.fractions)
         fractions = [b / wp.budget_s for b in budgets]
+        reference = (references or {}).get(wname)
+        start = [f"data.shards={data[wname]}", f"model.resolution={wp.resolution}", f"model.width={args.width}",
+                 f"train.batch_size={args.batch_size}", f"run.device={args.device}",
+                 f"eval.batch_size={args.eval_batch}",
+                 *METRIC_OVERRIDES[wname], *eval_sample_overrides(wname, wp.eval_samples),
+                 *([f"eval.reference_data={reference}"] if reference else [])]
         for seed in args.seeds:
             for vkey in wp.variants:
+                if vkey in wp.first_seed_only and seed != args.seeds[0]:
+                    continue
                 overrides = [
-                    f"data.shards={data[wname]}", f"model.resolution={wp.resolution}", f"model.width={args.width}",
-                    f"train.batch_size={args.batch_size}", f"run.device={args.device}",
-                    f"eval.batch_size={args.eval_batch}",
-                    *METRIC_OVERRIDES[wname], *eval_sample_overrides(wname, wp.eval_samples),
-                    *VARIANTS[vkey].overrides, f"train.seed={seed}", *args.set,
+                    *start, *variant_overrides(vkey, wname, start), f"train.seed={seed}", *args.set,
                     f"run.name=ttq-{wname}-{vkey}-seed{seed}",
                     f"run.out_dir={args.out / 'runs' / wname / vkey / f'seed{seed}'}",
                 ]
                 out.append(RunSpec(workload=wname, variant=vkey, seed=seed, overrides=overrides, budgets=budgets,
                                    fractions=fractions, clock=args.clock, threads=args.threads,
-                                   out_dir=str(args.out / "runs" / wname / vkey / f"seed{seed}")))
+                                   out_dir=str(args.out / "runs" / wname / vkey / f"seed{seed}"),
+                                   data_seed=wp.data_seed))
     return out
 
 
+def variant_overrides(vkey: str, workload: str, start: list[str]) -> tuple[str, ...]:
+    """The variant's overrides; a recipe variant's come after its workload's recipe (`recipe_overrides`)."""
+    v = VARIANTS[vkey]
+    if not v.recipes:
+        return v.overrides
+    if workload not in v.recipes:
+        raise ValueError(f"variant {vkey} has no recipe for the {workload} workload")
+    return (*recipe_overrides(v.recipes[workload], tuple(start)), *v.overrides)
+
+
 def eval_sample_overrides(workload: str, n: int) -> tuple[str, ...]:
-    """N of the workload's metric: FID/KID of N generated vs N real images; modes of N generated stacks."""
+    """N of the workload's metric: FID/KID of N generated vs N real images (small data: vs every image of the
+    reference set, however many); modes of N generated stacks."""
     if workload == "emoji":
         return (f"eval.num_samples={n}", f"eval.reference_samples={n}")
+    if workload == "smalldata":
+        return (f"eval.num_samples={n}", "eval.reference_samples=1000000")  # capped at the set's size
     return (f"eval.modes_samples={n}",)
 
 
@@ -185,7 +210,8 @@ def run_one(spec: RunSpec, tracking_uri: str | None) -> dict[str, Any]:
         tracker.close(status)
         strategy.close()
     return {"workload": spec.workload, "variant": spec.variant, "label": variant.label, "seed": spec.seed,
-            "outcome": outcome, "error": error, "points": points, "settings": spec.settings(),
+            "data_seed": spec.data_seed, "outcome": outcome, "error": error, "points": points,
+            "settings": spec.settings(),
             "overrides": spec.overrides, "config": cfg.flat(), "model": summary,
             "mlflow_run_id": str(getattr(tracker.inner, "run_id", "") or ""),
             "wall_s": time.perf_counter() - wall_start, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,5 +1,5 @@
-"""Running the plan: the workloads' data and FID references made once, then every run in its own process,
-`--parallel` at a time, each finished run appended to the results as it lands."""
+"""Running the plan: the FID references computed once (the data: benchmarks/ttq/data.py), then every run in
+its own process, `--parallel` at a time, each finished run appended to the results as it lands."""
 
 from __future__ import annotations
 
@@ -14,34 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ttq.profiles import CONFIG, SCRIPT, usage_error
+from benchmarks.ttq.profiles import CONFIG, SCRIPT
 from benchmarks.ttq.results import Results
 from benchmarks.ttq.run import RunSpec
-
-
-def prepare_data(workload: str, args: argparse.Namespace, resolution: int) -> str:
-    """The workload's shard folder, made once (`rgan shards`) and reused by every run and later invocation."""
-    root = args.data_dir
-    if workload == "stacked":
-        dest = root / f"stacked-digits-r{resolution}-n{args.stacked_count}-s0"
-        cmd = ["sklearn:stacked-digits", "--resolution", str(resolution), "--count", str(args.stacked_count),
-               "--seed", "0", "--format", "png"]
-    else:
-        src = args.emoji_dir
-        if not src.is_dir() or not any(src.iterdir()):
-            raise usage_error(f"--emoji-dir {src}: no images there; fetch them with "
-                              f"`bash ../shared/data/emoji.sh {src}` (never commit them)")
-        dest = root / f"emoji-r{resolution}"
-        cmd = [str(src), "--resolution", str(resolution), "--format", "png"]
-    if (dest / "manifest.json").is_file():
-        return str(dest)
-    print(f"ttq: making {workload} shards in {dest}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "launcher", "shards", *cmd, "--out", str(dest)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not (dest / "manifest.json").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise usage_error(f"rgan shards for {workload} failed: {tail[0]}")
-    return str(dest)
 
 
 def warm_reference(spec: RunSpec) -> None:
@@ -51,13 +26,13 @@ def warm_reference(spec: RunSpec) -> None:
     from rgan_dist.metrics.evaluator import reference_stats
     from rgan_dist.metrics.inception import load_inception
 
-    if spec.workload != "emoji":
-        return
     cfg = load_config(CONFIG, spec.overrides)
+    if "fid" not in cfg.eval.metrics:
+        return
     t0 = time.perf_counter()
     net = load_inception(cfg.eval.inception or None, device="cuda" if cfg.run.device == "cuda" else "cpu")
     e = cfg.eval
-    stats = reference_stats(cfg.data.shards, net, resolution=cfg.model.resolution,
+    stats = reference_stats(cfg.eval.reference_data or cfg.data.shards, net, resolution=cfg.model.resolution,
                             num_samples=e.reference_samples or e.num_samples, batch_size=e.batch_size,
                             keep_features=e.kid)
     print(f"ttq: FID reference statistics of {stats.n} real images ready ({time.perf_counter() - t0:.0f} s)",

@@ -228,6 +228,11 @@ class FidEvaluator:
     def num_reference(self) -> int:
         return self.cfg.eval.reference_samples or self.cfg.eval.num_samples
 
+    @property
+    def reference_data(self) -> str:
+        """The images FID compares with: the training data unless `eval.reference_data` names others."""
+        return self.cfg.eval.reference_data or self.cfg.data.shards
+
     def _setup(self) -> None:
         """Load what is still missing (network, reference statistics), then announce them once: printed
         with their provenance and set as MLflow tags, so every FID of the run says how it was computed."""
@@ -236,21 +241,21 @@ class FidEvaluator:
         if self.net is None:
             self.net = load_inception(self.inception_path, device=self.device)
         if self.reference is None:
-            self.reference = reference_stats(self.cfg.data.shards, self.net, resolution=m.resolution,
+            self.reference = reference_stats(self.reference_data, self.net, resolution=m.resolution,
                                              num_samples=self.num_reference, batch_size=e.batch_size,
                                              keep_features=e.kid, progress=self.progress)
         self._ready = True
         if rank_world()[0] != 0:
             return
         cache = self.reference.meta.get("cache")
-        print(f"rgan: FID reference: {self.reference.n} real images of {self.cfg.data.shards} "
+        print(f"rgan: FID reference: {self.reference.n} real images of {self.reference_data} "
               f"({cache or 'not cached'}; {time.perf_counter() - t0:.1f}s); {self.net.info.summary()}", flush=True)
         if self.tracker is not None:
             i = self.net.info
             self.tracker.set_tags({
                 "fid.network_source": i.source, "fid.network_path": i.path, "fid.network_sha256": i.sha256,
                 "fid.resize": i.resize, "fid.resolution": i.resolution, "fid.num_samples": e.num_samples,
-                "fid.reference_samples": self.reference.n, "fid.reference_data": self.cfg.data.shards,
+                "fid.reference_samples": self.reference.n, "fid.reference_data": self.reference_data,
                 "fid.batch_size": e.batch_size})
             if self.cfg.tracking.log_fid_stats and cache and Path(cache).is_file():
                 self.tracker.log_artifact(cache, "fid")
@@ -280,7 +285,7 @@ class FidEvaluator:
         """Print the value with its provenance; keep it as JSON (logged to MLflow under fid/)."""
         print(f"rgan: step {step}: {describe(result)} [{seconds:.1f}s]", flush=True)
         info = result.get("fid_info") or {}
-        record = {"step": step, "time": time.time(), "eval_seconds": seconds, "reference_data": self.cfg.data.shards,
+        record = {"step": step, "time": time.time(), "eval_seconds": seconds, "reference_data": self.reference_data,
                   **{k: v for k, v in result.items() if k != "fid_info"},
                   "fid_info": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                for k, v in info.items()}}
