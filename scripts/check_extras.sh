@@ -23,8 +23,20 @@ for extra in "${extras[@]}"; do
     start=$SECONDS
     if "$PY" -m pip install --dry-run --ignore-installed --quiet --report "$tmp/report.json" -c "$tmp/torch.txt" \
             -e "$target" > "$tmp/log" 2>&1; then
-        n="$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["install"]))' "$tmp/report.json")"
-        echo "check_extras: $target resolves: $n packages in $((SECONDS - start)) s"
+        # Resolving is not enough: an extra the package does not provide is a warning, and installs nothing.
+        missing="$(grep -o "does not provide the extra '[^']*'" "$tmp/log" | sort -u | tr '\n' ' ' || true)"
+        n="$("$PY" -c '
+import json, sys
+names = {i["metadata"]["name"].lower() for i in json.load(open(sys.argv[1]))["install"]}
+want = {"s3": {"s3fs", "boto3"}, "test": {"s3fs", "boto3", "moto", "playwright"}, "cluster": {"boto3", "ray"}}
+lacking = sorted(set().union(*(want.get(e, set()) for e in sys.argv[2].split(","))) - names)
+print(f"{len(names)} packages" + (f"; LACKS {lacking}" if lacking else ""))' "$tmp/report.json" "$extra")"
+        if [ -n "$missing" ] || [[ "$n" == *LACKS* ]]; then
+            echo "check_extras: $target resolves but is incomplete: ${missing:-}$n" >&2
+            status=1
+        else
+            echo "check_extras: $target resolves: $n in $((SECONDS - start)) s"
+        fi
     else
         echo "check_extras: $target does NOT resolve without requirements/constraints.txt ($((SECONDS - start)) s):" >&2
         grep -v "^WARNING: Location" "$tmp/log" | tail -n 15 >&2
