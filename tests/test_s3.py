@@ -32,6 +32,7 @@ from test_sweep import write_sweep
 
 from rgan_dist.config import load_config
 from rgan_dist.engine.loop import train
+from rgan_dist.mlflow_view import EXPERIMENT_KIND
 from rgan_dist.tracking import experiment_id, resolve_store
 
 # The 24-digit shard set and the straight 2-rank run over it from local disk (the S3 run must match it).
@@ -180,8 +181,9 @@ def test_artifact_root_url_is_kept_as_a_url(tmp_path):
         def get_experiment_by_name(self, name):
             return None
 
-        def create_experiment(self, name, artifact_location=None):
+        def create_experiment(self, name, artifact_location=None, tags=None):  # MlflowClient's signature
             created[name] = artifact_location
+            assert tags == EXPERIMENT_KIND  # made in MLflow's model-training kind (rgan_dist.mlflow_view)
             return "1"
 
     experiment_id(Client(), "e", "s3://b/x/")
