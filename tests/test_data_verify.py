@@ -242,7 +242,10 @@ def test_s3_without_a_client_or_credentials_says_so(monkeypatch):
             make_batch_iterator(spec, batch_size=4, rank=0, world_size=1)
         assert re.match(r"cannot open s3://bucket/d/part-00000[01].tar: no reader for s3://", one_line(exc))
         assert "install its fsspec backend (s3fs, gcsfs) or the aws CLI" in str(exc.value)
-    pytest.importorskip("s3fs")
+    s3fs = pytest.importorskip("s3fs")
+    # fsspec caches a filesystem per constructor arguments, not per environment: the credential-less one made
+    # here would be handed to a later test's s3:// reads in this process (tests/test_s3.py). Drop it after.
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cache", {})
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-profile lookup

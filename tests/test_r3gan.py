@@ -85,7 +85,7 @@ def test_default_sizes_per_resolution():
     expected = {32: [512, 256, 128, 64], 64: [1024, 512, 256, 128, 64],
                 256: [1024, 1024, 1024, 512, 256, 128, 64]}
     for R, widths in expected.items():
-        G, D = build_models(load_config(None, ["model.arch=r3gan", f"model.resolution={R}"]).model)
+        G, D = build_models(load_config(None, ["model.arch=r3gan", f"model.resolution={R}", "model.channels=3"]).model)
         g, d = counts(widths, [w // 8 for w in widths], 2, 2, 128, 3)
         assert (count_parameters(G), count_parameters(D)) == (g, d)
     assert counts(expected[32], [64, 32, 16, 8], 2, 2, 128, 3) == (3_591_872, 3_526_848)
