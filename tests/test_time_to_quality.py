@@ -98,7 +98,7 @@ def test_variants_are_named_by_key_or_label_and_gp_variants_use_setup_2():
     assert ttq.variant_key("RaSGAN-GP") == ttq.variant_key("rasgan-gp") == "rasgan-gp"
     with pytest.raises(ValueError, match="unknown variant"):
         ttq.variant_key("dcgan")
-    assert len(ttq.VARIANTS) == 19
+    assert len(ttq.VARIANTS) == 20
     for key in ("sgan", "rsgan", "rasgan", "lsgan", "ralsgan", "hinge", "rahinge"):  # the paper's stable D
         assert {"loss.penalty=none", "model.spectral_norm=true", "model.d_batch_norm=false"} <= set(
             ttq.VARIANTS[key].overrides), key
@@ -149,9 +149,14 @@ def test_recipe_variants_are_the_recipe_file_with_one_part_swapped():
     specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
     swapped = {"recipe": {}, "recipe-dcgan": {"model.arch": "dcgan", "model.stage_widths": [], "model.stage_blocks": 2,
                                               "model.cardinality": 0, "model.expansion": 2},
+               "recipe-r3gan": {"model.arch": "r3gan", "model.stage_widths": [128, 64, 32, 16], "model.stage_blocks": 1},
                "recipe-rasgan": {"loss.name": "rasgan"}, "recipe-ralsgan": {"loss.name": "ralsgan"},
                "recipe-sgan": {"loss.name": "sgan"}, "recipe-noaug": {"augment.policy": [], "augment.p": 0.0}}
-    assert len(specs) == 2 * len(swapped)
+    # the architecture swaps run on their own recipe's workload only: r3gan on stacked (a DCGAN recipe), the
+    # DCGAN on small data (an r3gan recipe); every other swap on both
+    assert sorted((s.variant, s.workload) for s in specs) == sorted(
+        [(v, w) for v in swapped for w in ("stacked", "smalldata")
+         if (v, w) not in {("recipe-dcgan", "stacked"), ("recipe-r3gan", "smalldata")}])
     for spec in specs:
         got = load_config(ttq.CONFIG, spec.overrides).flat()
         recipe = load_config(ROOT / ttq.VARIANTS[spec.variant].recipes[spec.workload]).flat()
@@ -278,6 +283,7 @@ def test_budget_step_tracker_logs_at_budget_seconds():
     (["--workloads", "smalldata"], "--workloads smalldata: not in profile smoke"),
     (["--profile", "cpu", "--workloads", "emoji", "--variants", "recipe", "--dry-run"], "is a 64x64 recipe"),
     (["--data-seed", "-1"], "--data-seed -1: must be >= 0"),
+    (["--workloads", "emoji", "--variants", "recipe-r3gan"], "--variants recipe-r3gan: runs on stacked only"),
 ])
 def test_bad_flags_give_one_line(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -88,6 +88,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.data_seed is not None and args.data_seed < 0:
             raise ValueError(f"--data-seed {args.data_seed}: must be >= 0")
         variants = tuple(dict.fromkeys(variant_key(v) for v in _csv(args.variants))) if args.variants else None
+        for v in variants or ():  # a recipe variant runs on the workloads its recipes name, and nowhere else
+            if VARIANTS[v].recipes and not set(VARIANTS[v].recipes) & set(args.workloads):
+                raise ValueError(f"--variants {v}: runs on {', '.join(VARIANTS[v].recipes)} only, not on "
+                                 f"{', '.join(args.workloads)}")
         try:
             args.seeds = list(dict.fromkeys(int(s) for s in _csv(args.seeds))) if args.seeds else list(p.seeds)
         except ValueError:

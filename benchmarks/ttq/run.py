@@ -72,6 +72,8 @@ def plan_runs(args: argparse.Namespace, data: dict[str, str], references: dict[s
             for vkey in wp.variants:
                 if vkey in wp.first_seed_only and seed != args.seeds[0]:
                     continue
+                if VARIANTS[vkey].recipes and wname not in VARIANTS[vkey].recipes:
+                    continue  # a recipe variant of another workload's recipe (recipe-r3gan: stacked only)
                 overrides = [
                     *start, *variant_overrides(vkey, wname, start), f"train.seed={seed}", *args.set,
                     f"run.name=ttq-{wname}-{vkey}-seed{seed}",
