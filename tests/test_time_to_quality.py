@@ -149,7 +149,8 @@ def test_recipe_variants_are_the_recipe_file_with_one_part_swapped():
     specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
     swapped = {"recipe": {}, "recipe-dcgan": {"model.arch": "dcgan", "model.stage_widths": [], "model.stage_blocks": 2,
                                               "model.cardinality": 0, "model.expansion": 2},
-               "recipe-r3gan": {"model.arch": "r3gan", "model.stage_widths": [128, 64, 32, 16], "model.stage_blocks": 1},
+               "recipe-r3gan": {"model.arch": "r3gan", "model.stage_widths": [128, 64, 32, 16],
+                                "model.stage_blocks": 1},
                "recipe-rasgan": {"loss.name": "rasgan"}, "recipe-ralsgan": {"loss.name": "ralsgan"},
                "recipe-sgan": {"loss.name": "sgan"}, "recipe-noaug": {"augment.policy": [], "augment.p": 0.0}}
     # the architecture swaps run on their own recipe's workload only: r3gan on stacked (a DCGAN recipe), the
