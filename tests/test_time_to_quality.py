@@ -320,6 +320,10 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     md = (out / "results.md").read_text()
     assert md.count("| RSGAN | ") == 3 and md.count("| RaSGAN-GP | ") == 3  # 2 seeds + the per-variant row
     assert (out / "time_to_quality_stacked.png").stat().st_size > 10_000
+    from PIL import Image  # every run's last grid (4 runs, 3 to a row), each under its caption
+
+    with Image.open(out / "time_to_quality_stacked_samples.jpg") as sheet:
+        assert sheet.width > 3 * 200 and sheet.height > 2 * 200, sheet.size
 
     from mlflow import MlflowClient
 

@@ -53,3 +53,35 @@ def plot_workload(name: str, runs: list[dict[str, Any]], path: Path) -> Path | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+
+def sample_sheet(name: str, runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Each run's last sample grid (`<run.out_dir>/samples/step_*.png`, the EMA generator at the budget's end)
+    at its own pixels, side by side under a caption of its variant and seed: what the numbers look like. Only
+    runs whose folder is on this machine are drawn (the JSON holds numbers, not images), so `--report-only`
+    elsewhere makes none. JPEG (quality 92): a sheet of 64x64 grids is megabytes as PNG."""
+    from PIL import Image, ImageDraw
+
+    grids = []
+    for vkey in VARIANTS:
+        for r in sorted((r for r in runs if r["variant"] == vkey), key=lambda r: r["seed"]):
+            found = sorted(Path(r.get("config", {}).get("run.out_dir", "/nonexistent")).glob("samples/step_*.png"))
+            if found:
+                with Image.open(found[-1]) as im:
+                    grids.append((f"{VARIANTS[vkey].label}, seed {r['seed']}", im.convert("RGB")))
+    if not grids:
+        return None
+    cols, caption, pad = min(len(grids), 3), 18, 6
+    w = max(g.width for _, g in grids) + pad
+    h = max(g.height for _, g in grids) + caption + pad
+    rows = -(-len(grids) // cols)
+    sheet = Image.new("RGB", (cols * w + pad, rows * h + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, grid) in enumerate(grids):
+        x, y = pad + (i % cols) * w, pad + (i // cols) * h
+        draw.text((x, y + 2), title, fill="black")
+        sheet.paste(grid, (x, y + caption))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=92)
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ttq.measure import fmt_value, resolve_target, spread, time_to_target, value_at
-from benchmarks.ttq.plots import plot_workload
+from benchmarks.ttq.plots import plot_workload, sample_sheet
 from benchmarks.ttq.profiles import VARIANTS, WORKLOADS
 
 
@@ -137,6 +137,8 @@ def write_report(out: Path, data: dict[str, Any], targets: dict[str, str | None]
             if png is not None:
                 plots[name] = png.name
                 files.append(png)
+            sheet = sample_sheet(name, runs, out / f"time_to_quality_{name}_samples.jpg")
+            files.extend([sheet] if sheet is not None else [])
     md = out / "results.md"
     md.write_text(markdown_report(data, targets, plots))
     return [md, *files]
