@@ -155,12 +155,14 @@ PROFILES: dict[str, Profile] = {
                                                   32, 26_000),
                        "emoji": WorkloadProfile(120.0, (1.0,), ("sgan", "rasgan", "wgan-gp", "rasgan-gp"), 32,
                                                 1000)}),
-    # Issue 21, 6a/6b: the recipe at 20 CPU-minutes per run (process CPU, 1 thread). Stacked-Digits on shards of
-    # an untuned data seed: the recipe over 3 seeds, the swaps and the paper's baselines (RaSGAN on the
-    # spectral-norm D, RpGAN + R1 + R2 on DCGAN) on seed 0, modes of 26k samples at 4 points: 8 runs x
-    # (1200 + 4 x 12 + 8) ~ 10,000 CPU s, ~84 min on 2 quiet cores. Small data: 2,011 apple emoji at 64x64, FID
-    # (and KID) of 2,000 samples against all apple emoji at the end only (~2000 / 8 = 250 s), 5 variants x 3
-    # seeds x (1200 + 250 + 8) ~ 21,900 CPU s, ~3 h on 2 cores, plus ~8 min once for the reference statistics.
+    # Issue 21, 6a/6b: the recipe at 20 CPU-minutes per run (process CPU, 1 thread). Stacked-Digits: 100,000
+    # training stacks (benchmarks/modes_floor.py: 26k samples of 20k stacks cannot score KL below ~0.044) of an
+    # untuned data seed; the recipe over 3 seeds, its swaps and the paper's baselines (RaSGAN on the
+    # spectral-norm D, RpGAN + R1 + R2 on DCGAN) on seed 0; modes of 26k samples at 4 points (~20 s each): 8 runs
+    # x (1200 + 4 x 20 + 10) ~ 10,300 CPU s, ~86 min on 2 quiet cores. Small data: 2,011 apple emoji at 64x64,
+    # FID (and KID) of 2,000 samples against all 3,793 apple emoji at the end only (~2000 / 8 = 250 s), 5 variants
+    # x 3 seeds x (1200 + 250 + 10) ~ 21,900 CPU s, ~3 h on 2 cores, plus the reference statistics once (~8 min
+    # on an idle core; 18 min measured beside two runs). Select --variants/--seeds to fit what you have.
     "cpu-long": Profile(clock="process_cpu", device="cpu", threads=1, parallel=2, seeds=(0, 1, 2), width=32,
                         batch_size=64, stacked_count=100_000, eval_batch=50, workloads={
                             "stacked": WorkloadProfile(1200.0, (0.25, 0.5, 0.75, 1.0),
