@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.sources import _load_digits, stacked_indices  # noqa: E402
+from data_pipeline.sources import digits_arrays, stacked_indices  # noqa: E402
 from rgan_dist.metrics.modes import NUM_MODES, summarize  # noqa: E402
 
 
 def stacked_labels(count: int, seed: int) -> np.ndarray:
     """The mode (100 r + 10 g + b) of every stack of `rgan shards sklearn:stacked-digits --count --seed`."""
-    digit = _load_digits()[1][stacked_indices(count, seed)]
+    digit = digits_arrays()[1][stacked_indices(count, seed)]
     return digit[:, 0] * 100 + digit[:, 1] * 10 + digit[:, 2]
 
 

@@ -55,7 +55,6 @@ def plot_workload(name: str, runs: list[dict[str, Any]], path: Path) -> Path | N
     return path
 
 
-
 def sample_sheet(name: str, runs: list[dict[str, Any]], path: Path) -> Path | None:
     """Each run's last sample grid (`<run.out_dir>/samples/step_*.png`, the EMA generator at the budget's end)
     at its own pixels, side by side under a caption of its variant and seed: what the numbers look like. Only
