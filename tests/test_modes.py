@@ -115,6 +115,25 @@ def test_digits_0_to_4_cover_their_125_modes():
     assert abs(record["modes_kl"] - math.log(8)) < 0.05
 
 
+def test_kl_splits_into_channel_digit_kls_and_the_kl_between_channels():
+    """Independent channels with skewed digits: all KL in the channels, each the analytic KL of its digits;
+    uniform digits tied across channels (modes 000, 111, .., 999 only): all KL between them, log(100)."""
+    skew = np.array([0.2, 0.05] + [0.75 / 8] * 8)
+    flat = np.full(10, 0.1)
+    p = np.einsum("i,j,k->ijk", skew, flat, skew)
+    record = M.decompose(np.round(p * 1e9).reshape(-1))
+    want = float(np.sum(skew * np.log(skew * 10)))
+    assert record["modes_kl_channels"] == pytest.approx([want, 0.0, want], abs=1e-6)
+    assert record["modes_kl_between"] == pytest.approx(0.0, abs=1e-6)
+    assert record["modes_digit_share"][0][:2] == pytest.approx([0.2, 0.05])
+    tied = np.zeros(1000)
+    tied[[111 * d for d in range(10)]] = 7
+    record = M.decompose(tied)
+    assert record["modes_kl_channels"] == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+    assert record["modes_kl_between"] == pytest.approx(math.log(100))
+    assert record["modes_kl_between"] == pytest.approx(M.summarize(tied)["modes_kl"])
+
+
 def test_classifier_cache_is_keyed_and_a_stale_one_refitted(monkeypatch):
     import pickle
 
@@ -167,11 +186,19 @@ def test_rgan_modes_cli_prints_the_line(shards16, capsys, tmp_path):
     from launcher.cli import main
 
     assert main(["modes", str(shards16), "--num-samples", "500"]) == 0
-    first, second = capsys.readouterr().out.splitlines()[:2]
+    first, second, third, *shares = capsys.readouterr().out.splitlines()
     m = re.fullmatch(r"modes: (\d+)/1000  kl: (\d+\.\d+)", first)
     assert m, first
     assert 350 <= int(m.group(1)) <= 500  # 500 uniform draws over 1000 modes: ~393 distinct
     assert "N = 500 images at 16px" in second and "held-out accuracy 0.99" in second
+    # where the KL comes from: real stacks' digits are uniform per channel, so nearly all of it lies between
+    # channels (500 samples in 1000 modes), and each channel's digit shares sum to 100 %
+    k = re.fullmatch(r"kl = channels' digit KLs \(R (\S+), G (\S+), B (\S+)\) \+ between channels (\S+)", third)
+    assert k, third
+    channels, between = [float(v) for v in k.groups()[:3]], float(k.group(4))
+    assert sum(channels) + between == pytest.approx(float(m.group(2)), abs=2e-4)
+    assert max(channels) < 0.05 < between
+    assert len(shares) == 3 and all(abs(sum(map(float, s.split(":")[1].split())) - 100) < 0.3 for s in shares)
     assert main(["modes", str(tmp_path / "missing")]) == 2
     assert main(["modes", str(shards16), "--num-samples", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
