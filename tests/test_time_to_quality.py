@@ -174,6 +174,30 @@ def test_recipe_variants_are_the_recipe_file_with_one_part_swapped():
         assert load_config(None, [o]).flat()[key] == defaults[key], o
 
 
+def test_a_recipe_runs_at_another_resolution_from_its_own_file_there():
+    """Small data at 32x32 (issue 21 allows it where 64x64 is too slow) runs configs/recipes/small_data_32.yaml,
+    the 32x32 form of small_data.yaml (its widths are per stage), swaps included; a resolution with no such
+    file is refused, naming the file to write."""
+    from benchmarks.ttq.recipe import HARNESS_KEYS, METHOD_SECTIONS, recipe_for
+    from rgan_dist.config import load_config
+
+    assert recipe_for("configs/recipes/small_data.yaml", 32) == "configs/recipes/small_data_32.yaml"
+    assert recipe_for("configs/recipes/small_data.yaml", 64) == "configs/recipes/small_data.yaml"
+    args = ttq.parse_args(["--profile", "cpu-long", "--workloads", "smalldata", "--resolution", "32",
+                           "--variants", "recipe,recipe-noaug", "--seeds", "0"])
+    specs = ttq.plan_runs(args, DATA, {"smalldata": "data/all"})
+    recipe = load_config(ROOT / "configs/recipes/small_data_32.yaml").flat()
+    assert recipe["model.resolution"] == 32 and len(recipe["model.stage_widths"]) == 4  # 4x4 .. 32x32
+    method = [k for k in recipe if k.split(".")[0] in METHOD_SECTIONS and k not in HARNESS_KEYS]
+    for spec, swap in zip(specs, ({}, {"augment.policy": [], "augment.p": 0.0}), strict=True):
+        got = load_config(ttq.CONFIG, spec.overrides).flat()
+        assert got["model.resolution"] == 32
+        assert {k: got[k] for k in method} == {k: {**recipe, **swap}[k] for k in method}, spec.name
+    with pytest.raises(ValueError, match=r"is a 64x64 recipe; this workload runs at 128 .*small_data_128.yaml"):
+        ttq.plan_runs(ttq.parse_args(["--profile", "cpu-long", "--workloads", "smalldata", "--resolution", "128",
+                                      "--variants", "recipe", "--seeds", "0"]), DATA, {"smalldata": "data/all"})
+
+
 @pytest.mark.parametrize("value", [5e-05, 2e-4, 0.1, 1e20, 3, 0, True, False, None, "adaptive", "rsgan", "r1+r2",
                                    "a, b", "", "true", "1e-4", [0.0, 0.99], [], ["flip", "rot90"], [128, 64]])
 def test_override_values_read_back_as_the_same_value(value):
@@ -282,7 +306,8 @@ def test_budget_step_tracker_logs_at_budget_seconds():
     (["--target-fid", "fast"], "target 'fast'"),
     (["--set", "train.nope=1", "--dry-run"], "unknown key train.nope"),
     (["--workloads", "smalldata"], "--workloads smalldata: not in profile smoke"),
-    (["--profile", "cpu", "--workloads", "emoji", "--variants", "recipe", "--dry-run"], "is a 64x64 recipe"),
+    (["--profile", "cpu", "--workloads", "emoji", "--variants", "recipe", "--resolution", "16", "--dry-run"],
+     "is a 64x64 recipe"),
     (["--data-seed", "-1"], "--data-seed -1: must be >= 0"),
     (["--workloads", "emoji", "--variants", "recipe-r3gan"], "--variants recipe-r3gan: runs on stacked only"),
 ])

@@ -46,6 +46,16 @@ def override_value(value: Any) -> str:
     return str(value)
 
 
+def recipe_for(recipe: str, resolution: int) -> str:
+    """The file of `recipe`'s family for `resolution`: a recipe's widths are per stage, so each resolution it
+    is measured at has its own file, `<stem>_<resolution>.yaml` beside it (configs/recipes/small_data.yaml is
+    the 64x64 small-data recipe, small_data_32.yaml its 32x32 form); `recipe` itself when no such file exists
+    (`recipe_overrides` then refuses a resolution it was not written for)."""
+    base = REPO / recipe
+    sibling = base.with_name(f"{base.stem}_{resolution}{base.suffix}")
+    return str(sibling.relative_to(REPO)) if sibling.is_file() else recipe
+
+
 @functools.lru_cache(maxsize=64)
 def recipe_overrides(recipe: str, start: tuple[str, ...]) -> tuple[str, ...]:
     """The overrides that turn the benchmark config + `start` (the workload's and profile's overrides) into
@@ -58,6 +68,8 @@ def recipe_overrides(recipe: str, start: tuple[str, ...]) -> tuple[str, ...]:
     mine, theirs = load_config(CONFIG, list(start)).flat(), load_config(path).flat()
     if mine["model.resolution"] != theirs["model.resolution"]:
         raise ValueError(f"recipe {recipe} is a {theirs['model.resolution']}x{theirs['model.resolution']} recipe; this "
-                         f"workload runs at {mine['model.resolution']} (--resolution {theirs['model.resolution']})")
+                         f"workload runs at {mine['model.resolution']} (--resolution {theirs['model.resolution']}, or "
+                         f"write its {mine['model.resolution']}x{mine['model.resolution']} form as "
+                         f"{path.stem}_{mine['model.resolution']}.yaml beside it)")
     return tuple(f"{k}={override_value(v)}" for k, v in theirs.items()
                  if k.split(".")[0] in METHOD_SECTIONS and k not in HARNESS_KEYS and v != mine.get(k))

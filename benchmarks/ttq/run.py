@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.ttq.measure import budget_points, fmt_value, train_until
 from benchmarks.ttq.profiles import CONFIG, METRIC_OVERRIDES, VARIANTS, WORKLOADS
-from benchmarks.ttq.recipe import recipe_overrides
+from benchmarks.ttq.recipe import recipe_for, recipe_overrides
 
 
 @dataclass
@@ -75,7 +75,7 @@ def plan_runs(args: argparse.Namespace, data: dict[str, str], references: dict[s
                 if VARIANTS[vkey].recipes and wname not in VARIANTS[vkey].recipes:
                     continue  # a recipe variant of another workload's recipe (recipe-r3gan: stacked only)
                 overrides = [
-                    *start, *variant_overrides(vkey, wname, start), f"train.seed={seed}", *args.set,
+                    *start, *variant_overrides(vkey, wname, start, wp.resolution), f"train.seed={seed}", *args.set,
                     f"run.name=ttq-{wname}-{vkey}-seed{seed}",
                     f"run.out_dir={args.out / 'runs' / wname / vkey / f'seed{seed}'}",
                 ]
@@ -86,14 +86,15 @@ def plan_runs(args: argparse.Namespace, data: dict[str, str], references: dict[s
     return out
 
 
-def variant_overrides(vkey: str, workload: str, start: list[str]) -> tuple[str, ...]:
-    """The variant's overrides; a recipe variant's come after its workload's recipe (`recipe_overrides`)."""
+def variant_overrides(vkey: str, workload: str, start: list[str], resolution: int) -> tuple[str, ...]:
+    """The variant's overrides; a recipe variant's come after its workload's recipe at that resolution
+    (`recipe_for`, `recipe_overrides`)."""
     v = VARIANTS[vkey]
     if not v.recipes:
         return v.overrides
     if workload not in v.recipes:
         raise ValueError(f"variant {vkey} has no recipe for the {workload} workload")
-    return (*recipe_overrides(v.recipes[workload], tuple(start)), *v.overrides)
+    return (*recipe_overrides(recipe_for(v.recipes[workload], resolution), tuple(start)), *v.overrides)
 
 
 def eval_sample_overrides(workload: str, n: int) -> tuple[str, ...]:
