@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rgan_dist.errors import UsageError  # noqa: E402
 from rgan_dist.export import generate, latents, load_trained  # noqa: E402
 from rgan_dist.metrics.modes import DEFAULT_NUM_SAMPLES, score  # noqa: E402
 from rgan_dist.samples import to_uint8  # noqa: E402
@@ -46,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=DEFAULT_NUM_SAMPLES)
     p.add_argument("--out", type=Path, required=True, help="JSON file to add the records to")
     a = p.parse_args(argv)
+    if a.num < 1:
+        p.error(f"--num {a.num}: must be >= 1 (26000 is the StackedMNIST protocol)")
     done = json.loads(a.out.read_text()) if a.out.is_file() else {"runs": {}}
     runs = done["runs"].setdefault(a.label, {})
     for path in a.checkpoints:
-        rec = score_checkpoint(path, a.num)
+        try:
+            rec = score_checkpoint(path, a.num)
+        except UsageError as e:  # a missing or foreign checkpoint: one line; the records so far are kept
+            p.exit(2, f"{p.prog}: error: {e}\n")
         runs[str(rec["step"])] = rec
         split = ", ".join(f"{v:.3f}" for v in rec["modes_kl_channels"])
         print(f"{a.label} step {rec['step']}: modes {rec['modes']:.0f} kl {rec['modes_kl']:.4f} "

@@ -196,8 +196,13 @@ def summarize(counts: np.ndarray) -> dict[str, float]:
     total = counts.sum()
     if total <= 0:
         raise UsageError("modes: no images to score")
-    p = counts[counts > 0] / total
-    return {"modes": float((counts > 0).sum()), "modes_kl": float(np.sum(p * np.log(p * NUM_MODES)))}
+    return {"modes": float((counts > 0).sum()), "modes_kl": _kl_to_uniform(counts.reshape(-1) / total)}
+
+
+def _kl_to_uniform(p: np.ndarray) -> float:
+    """KL(p || uniform over len(p)) in nats, over the entries with p > 0."""
+    q = p[p > 0]
+    return float(np.sum(q * np.log(q * len(p))))
 
 
 def decompose(counts: np.ndarray) -> dict[str, Any]:
@@ -210,9 +215,8 @@ def decompose(counts: np.ndarray) -> dict[str, Any]:
         raise UsageError("modes: no images to score")
     p = counts / total
     shares = [p.sum(axis=tuple(a for a in range(3) if a != c)) for c in range(3)]
-    per_channel = [float(np.sum(q[q > 0] * np.log(q[q > 0] * 10))) for q in shares]
-    return {"modes_kl_channels": per_channel,
-            "modes_kl_between": summarize(counts.reshape(-1))["modes_kl"] - sum(per_channel),
+    per_channel = [_kl_to_uniform(q) for q in shares]
+    return {"modes_kl_channels": per_channel, "modes_kl_between": _kl_to_uniform(p.reshape(-1)) - sum(per_channel),
             "modes_digit_share": [[float(v) for v in q] for q in shares]}
 
 
@@ -247,9 +251,8 @@ def describe(record: dict[str, Any]) -> str:
     lines = [f"modes: {int(record['modes'])}/{NUM_MODES}  kl: {record['modes_kl']:.4f}",
              f"N = {record['num_samples']} images at {record['resolution']}px; per-channel digit classifier "
              f"held-out accuracy {record['modes_classifier_accuracy']:.4f}"]
-    if "modes_kl_channels" in record:
-        parts = ", ".join(f"{c} {v:.4f}" for c, v in zip("RGB", record["modes_kl_channels"], strict=True))
-        lines.append(f"kl = channels' digit KLs ({parts}) + between channels {record['modes_kl_between']:.4f}")
-        for c, share in zip("RGB", record["modes_digit_share"], strict=True):
-            lines.append(f"  {c} digits 0-9 (%): " + " ".join(f"{100 * v:4.1f}" for v in share))
+    parts = ", ".join(f"{c} {v:.4f}" for c, v in zip("RGB", record["modes_kl_channels"], strict=True))
+    lines.append(f"kl = channels' digit KLs ({parts}) + between channels {record['modes_kl_between']:.4f}")
+    for c, share in zip("RGB", record["modes_digit_share"], strict=True):
+        lines.append(f"  {c} digits 0-9 (%): " + " ".join(f"{100 * v:4.1f}" for v in share))
     return "\n".join(lines)
