@@ -14,29 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rgan_dist.errors import UsageError  # noqa: E402
-from rgan_dist.export import generate, latents, load_trained  # noqa: E402
+from rgan_dist.export import TrainedGenerator, generate, latents, load_trained  # noqa: E402
 from rgan_dist.metrics.modes import DEFAULT_NUM_SAMPLES, score  # noqa: E402
 from rgan_dist.samples import to_uint8  # noqa: E402
 
 _CHUNK = 2000
 
 
+def generated(trained: TrainedGenerator, num: int = DEFAULT_NUM_SAMPLES) -> Iterator[np.ndarray]:
+    """The images `rgan generate --num num` writes (uint8 [n, R, R, 3], latents of seeds 0..num-1), in chunks,
+    so 26k images never sit in memory as floats at once."""
+    for start in range(0, num, _CHUNK):
+        z = latents(range(start, min(start + _CHUNK, num)), trained.z_dim)
+        yield to_uint8(generate(trained.module, z, 500)).permute(0, 2, 3, 1).numpy()
+
+
 def score_checkpoint(path: Path, num: int = DEFAULT_NUM_SAMPLES) -> dict[str, Any]:
     """The `rgan modes` record of `rgan generate --num num` of the checkpoint, plus its step."""
     trained = load_trained(path)
-
-    def batches():  # generated in chunks, so 26k images never sit in memory as floats at once
-        for start in range(0, num, _CHUNK):
-            z = latents(range(start, min(start + _CHUNK, num)), trained.z_dim)
-            yield to_uint8(generate(trained.module, z, 500)).permute(0, 2, 3, 1).numpy()
-
-    record = score(batches(), num_samples=num)
+    record = score(generated(trained, num), num_samples=num)
     return {"step": int(trained.metadata["step"]), "checkpoint": str(path), **record}
 
 

@@ -157,6 +157,25 @@ def test_blur_and_noise_do_not_shift_the_classifiers_digit_shares():
             assert np.abs(np.bincount(read[:, c], minlength=10) / len(read) - truth).max() < 0.005
 
 
+def test_the_crosschecks_knn_reader_reads_real_digits_and_breaks_ties_to_the_nearest():
+    """benchmarks/modes_crosscheck.py's second reader: it must read real digits (any misalignment of features
+    or labels would not), and a tied vote goes to the nearest neighbour's digit."""
+    from benchmarks.modes_crosscheck import knn_reader
+
+    images, labels = digits_arrays()
+    stacks = np.stack([stack_digits(d, d, d, resolution=32) for d in images])
+    noisy = np.clip(stacks + np.random.default_rng(1).normal(0, 15, stacks.shape), 0, 255).astype(np.uint8)
+    feats = M.channel_features(noisy, 32)
+    assert (knn_reader(32, 5)(feats).reshape(-1, 3) == labels[:, None]).mean() >= 0.98
+    # k = 2 at a real digit whose nearest other digit has another label: a 1-1 vote, won by the digit itself
+    clean = M.channel_features(stacks, 32)[0::3]
+    dist = torch.cdist(torch.from_numpy(clean), torch.from_numpy(clean)).fill_diagonal_(float("inf"))
+    other = labels[dist.argmin(1).numpy()]
+    tied = np.flatnonzero(other != labels)
+    assert len(tied) > 5
+    assert (knn_reader(32, 2)(clean[tied]) == labels[tied]).all()
+
+
 def test_classifier_cache_is_keyed_and_a_stale_one_refitted(monkeypatch):
     import pickle
 

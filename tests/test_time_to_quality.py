@@ -273,6 +273,12 @@ def test_table_has_a_row_per_seed_and_the_spread_per_variant():
     recipe["config"] = {**recipe["config"], "model.arch": "r3gan", "model.stage_widths": [128, 64]}
     mixed = ttq.workload_section("stacked", [recipe, runs[0]], None, None)  # the model of each row, when they differ
     assert "; SGAN: dcgan width 32, batch 64; Recipe: r3gan stage widths [128, 64], batch 64. No target" in mixed
+    assert "augment p" not in md and "augment p" not in mixed  # no run recorded one
+    recipe["points"][-1]["augment_p"] = 0.73412
+    augmented = ttq.workload_section("stacked", [recipe, runs[0]], None, None)
+    assert "| modes_kl @ end | augment p @ end | G steps |" in augmented
+    assert "| Recipe | 0 | 10 | 20 | 30 | 1.00 | 0.73 | 15 | - |" in augmented
+    assert "| SGAN | 0 | 100 | 500 | 800 | 1.50 | - | 15 | - |" in augmented  # a record without p
     report = ttq.markdown_report({"invocations": [{"command": "python benchmarks/time_to_quality.py --profile cpu",
                                                    "machine": {"cpu": "X", "cpu_count": 2, "loadavg": [1.0]}}],
                                   "runs": runs}, {"stacked": "900"}, {"stacked": "p.png"})
@@ -326,7 +332,8 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(SCRIPT), "--profile", "smoke", "--out", str(out), "--budget", "4",
-           "--set", f"tracking.mlflow_uri=sqlite:///{db}", "--eval-samples", "1000", "--data-seed", "3"]
+           "--set", f"tracking.mlflow_uri=sqlite:///{db}", "--eval-samples", "1000", "--data-seed", "3",
+           "--set", "augment.policy=[translation]", "--set", "augment.p=0.25"]  # p is recorded at each point
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -340,6 +347,7 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
         assert r["data_seed"] == r["settings"]["data_seed"] == 3
         assert all(p["spent_s"] >= p["budget_s"] and 0 <= p["metrics"]["modes"] <= 1000 for p in r["points"])
         assert r["points"][1]["step"] > r["points"][0]["step"] > 0 and r["config"]["eval.metrics"] == ["modes"]
+        assert [p["augment_p"] for p in r["points"]] == [0.25, 0.25]
     # RaSGAN-GP runs setup 2 and costs more per step: fewer G steps in the same budget
     assert runs[("rasgan-gp", 0)]["config"]["train.lr_d"] == 1e-4
     md = (out / "results.md").read_text()

@@ -48,14 +48,20 @@ def workload_section(name: str, runs: list[dict[str, Any]], target: str | None, 
                  f"{', '.join(_secs(b) for b in budgets)}; N = {n_eval} generated samples per evaluation{against}; "
                  f"data seed {first['settings'].get('data_seed', 0)}; {_models(runs)}. " + target_text)
     lines.append("")
+    # Where ADA drove p by the end: an augmented run's reading needs it (a p near 1 can leak into G).
+    # Records from before it was kept have no such key, and show "-".
+    show_p = any(r["points"] and r["points"][-1].get("augment_p") is not None for r in runs)
     head = ["variant", "seed", *[f"{wl.metric} @ {_secs(b)}" for b in budgets], f"{wl.secondary} @ end",
-            "G steps", "time to target"]
+            *(["augment p @ end"] if show_p else []), "G steps", "time to target"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         pts = r["points"]
         ttt = time_to_target(pts, wl.metric, tgt[0], wl.higher_is_better) if tgt else None
+        p_end = pts[-1].get("augment_p") if pts else None
         cells = [r["label"], str(r["seed"]), *[fmt_value(wl.metric, value_at(r, f, wl.metric)) for f in fractions],
-                 fmt_value(wl.secondary, value_at(r, 1.0, wl.secondary)), str(pts[-1]["step"]) if pts else "-",
+                 fmt_value(wl.secondary, value_at(r, 1.0, wl.secondary)),
+                 *([("-" if p_end is None else f"{p_end:.2f}")] if show_p else []),
+                 str(pts[-1]["step"]) if pts else "-",
                  ("not reached" if ttt is None else _secs(ttt)) if tgt else "-"]
         if r["outcome"] != "completed":
             cells[-1] += f" ({r['outcome']})"

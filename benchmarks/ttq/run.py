@@ -196,7 +196,9 @@ def run_one(spec: RunSpec, tracking_uri: str | None) -> dict[str, Any]:
                 losses = {k: float(v) for k, v in last.items() if k in ("d_loss", "g_loss", "penalty")}
                 point = {"fraction": fraction, "budget_s": budget, "spent_s": spent, "step": trainer.step,
                          "train_wall_s": train_wall, "wall_s": time.perf_counter() - wall_start, "eval_s": eval_s,
-                         "metrics": {k: float(v) for k, v in metrics.items()}, "losses": losses}
+                         "metrics": {k: float(v) for k, v in metrics.items()}, "losses": losses,
+                         # where ADA (or a schedule) had driven p: the reading of an augmented run needs it
+                         "augment_p": trainer.augment.p if trainer.augment is not None else None}
                 points.append(point)
                 tracker.log_metrics({"budget_s": budget, "spent_s": spent, "train_wall_s": train_wall,
                                      "eval_wall_s": eval_s, **losses}, trainer.step)
