@@ -93,7 +93,8 @@ def signals_deferred() -> Iterator[None]:
     Why: a handler that raises inside `torch.save`'s writer (the single-process SIGTERM handler, Ctrl-C)
     leaves a torn zip, a RuntimeError traceback and no final checkpoint. A second Ctrl-C during the block
     stops at once (the user insists; the atomic write keeps the previous checkpoint). Outside the main
-    thread (a Ray worker thread) signals cannot be handled here and are left alone."""
+    thread (a Ray worker thread) signals cannot be handled here and are left alone, as is a signal the process
+    ignores."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -106,7 +107,10 @@ def signals_deferred() -> Iterator[None]:
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(sig) is not None:  # None: installed outside Python, cannot be put back
+        # None: installed outside Python, cannot be put back. SIG_IGN: the process was started ignoring it
+        # (a background job of a script gets SIGINT ignored): deferring it would make a second one stop the
+        # run, where the user's setting says it does nothing.
+        if signal.getsignal(sig) not in (None, signal.SIG_IGN):
             previous[sig] = signal.signal(sig, defer)
     try:
         yield

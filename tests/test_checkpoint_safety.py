@@ -165,12 +165,51 @@ def test_a_signal_inside_torch_save_waits_for_the_save(tmp_path, monkeypatch, si
         return real_save(obj, SignallingFile(f) if hasattr(f, "write") and not sent else f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save)
-    cfg = tiny_cfg(tmp_path / "run", "train.steps=6", "checkpoint.every=2")
-    result = train(cfg)
+    # Ctrl-C's disposition in a terminal, whatever this process inherited (a background job starts with
+    # SIGINT ignored: test_an_ignored_sigint_stays_ignored_through_a_save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cfg = tiny_cfg(tmp_path / "run", "train.steps=6", "checkpoint.every=2")
+        result = train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sent == [sig] and result.interrupted and result.step == 2
     assert result.checkpoint == cfg.checkpoint_dir / "ckpt-00000002.pt"
     assert load_checkpoint(result.checkpoint)["step"] == 2  # digest-checked
     assert not list(cfg.checkpoint_dir.glob(".*tmp*"))
+
+
+def test_an_ignored_sigint_stays_ignored_through_a_save(tmp_path, monkeypatch):
+    """A process started with SIGINT ignored (`cmd &` in a script; nohup-style launchers) must not start
+    obeying it during a save: two SIGINTs inside torch.save (the second would mean "stop now" where SIGINT
+    is handled) change nothing, and the run ends at its last step. Before, the save's deferral handler
+    caught them and re-raised into the ignored disposition, or stopped the run at the second."""
+    from rgan_dist.engine.hooks import StopRequest
+
+    real_save = torch.save
+    sent = []
+
+    def save(obj, f, *a, **kw):
+        if not sent:
+            for _ in range(2):
+                sent.append(signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cfg = tiny_cfg(tmp_path / "run", "train.steps=6", "checkpoint.every=2")
+        result = train(cfg)
+        assert len(sent) == 2 and not result.interrupted and result.step == 6
+        stop = StopRequest(distributed=True)  # several ranks: the loop's own handler leaves it ignored too
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert load_checkpoint(result.checkpoint)["step"] == 6
 
 
 # ---- 5. disk full ------------------------------------------------------------------------------------------

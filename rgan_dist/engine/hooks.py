@@ -98,6 +98,8 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         signals = (signal.SIGTERM, signal.SIGINT) if distributed else (signal.SIGTERM,)
         for sig in signals:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (e.g. SIGINT in a background job)
+                continue
             # not the main thread (e.g. inside a Ray worker thread): leave signals alone
             with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
