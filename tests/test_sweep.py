@@ -588,3 +588,70 @@ def test_a_sweep_with_a_dead_trial_does_not_exit_0_silently():
     lines, code = outcome_summary([row("a", "completed"), row("b", "error", error="RayActorError: died\nmore")])
     assert code == 1 and lines == ["rgan sweep: error: 1 of 2 trial(s) ended without a result (b); first: error: "
                                    "RayActorError: died"]
+
+
+def test_a_best_trial_without_its_logged_model_is_said_not_skipped(tmp_path, capsys):
+    """The sweep marks the best trial's logged generator; a completed best trial whose model never reached
+    MLflow (its upload failed, or Tune ended the trial first) is one warning line naming its folder, where
+    before nothing was said. A trial stopped early has no model by design: no warning."""
+    from rgan_dist.sweep.parent import STATE_FILE, ParentRun
+    from rgan_dist.sweep.results import TrialRow
+
+    class Run:
+        def __init__(self, tags):
+            self.data = type("D", (), {"tags": tags})()
+
+    class Client:
+        def __init__(self, tags):
+            self.tags, self.calls = tags, []
+
+        def get_run(self, run_id):
+            return Run(self.tags)
+
+        def set_tag(self, run_id, key, value):
+            self.calls.append(("run", run_id, key, value))
+
+        def set_logged_model_tags(self, model_id, tags):
+            self.calls.append(("model", model_id, tags))
+
+    def mark(tags, outcome):
+        parent = object.__new__(ParentRun)  # no MLflow: only what _mark_best_model reads
+        parent.client, parent.sweep, parent.state = Client(tags), "s1", tmp_path / STATE_FILE
+        parent._mark_best_model(TrialRow("t_00002", "s1-t2", {}, {}, 10.0, 10.0, 8, outcome, mlflow_run_id="r2"))
+        return parent.client.calls, capsys.readouterr().err
+
+    calls, err = mark({"rgan.generator_model_id": "m-9"}, "completed")
+    assert calls == [("run", "r2", "rgan.sweep.best", "s1"), ("model", "m-9", {"rgan.sweep.best": "s1"})]
+    assert err == ""
+    calls, err = mark({}, "completed")
+    assert calls == [("run", "r2", "rgan.sweep.best", "s1")]
+    assert err.count("\n") == 1 and "best trial t_00002 (MLflow run r2) has no logged generator model" in err
+    assert f"rgan export --checkpoint {tmp_path / 'trials' / 't_00002'}" in err
+    assert mark({}, "stopped early")[1] == ""
+
+
+def test_a_trial_says_when_mlflow_did_not_flush_before_its_report(capsys):
+    """Tune may end a trial's process once it has the report: if the tracker has not flushed by then, the
+    trial says so in one line (its run may miss its last records or its model) instead of going quiet."""
+    from rgan_dist.sweep.trial import Reporter, TrialHooks
+
+    class Tracker:
+        def __init__(self, flushed):
+            self.flushed, self.waited = flushed, []
+
+        def flush(self, timeout_s):
+            self.waited.append(timeout_s)
+            return self.flushed
+
+    class Trainer:
+        step = 3  # before the last step: only the flush is at stake
+
+    cfg = load_config(None, ["train.steps=10"])
+    for flushed, lines in ((True, 0), (False, 1)):
+        reporter = Reporter(lambda *a, **k: None, object, trial_id="t_00001")
+        tracker = Tracker(flushed)
+        TrialHooks(cfg, reporter, tracker, None, lambda: None)
+        reporter.before_send(Trainer(), None)
+        err = capsys.readouterr().err
+        assert tracker.waited == [120.0] and err.count("\n") == lines
+        assert flushed or "trial t_00001: MLflow uploads still pending after 120s" in err

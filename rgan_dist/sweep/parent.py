@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,11 @@ class ParentRun:
         model_id = run.data.tags.get("rgan.generator_model_id")
         if model_id:
             self.client.set_logged_model_tags(model_id, {BEST_TAG: self.sweep})
+        elif best.outcome == "completed":  # it should have one: its upload failed or was cut short
+            print(f"rgan sweep: warning: the best trial {best.trial_id} (MLflow run {best.mlflow_run_id}) has no "
+                  "logged generator model, so only its run is tagged best (its upload failed or was cut short; "
+                  "the trial's log says which); its generator: rgan export --checkpoint "
+                  f"{self.state.parent / 'trials' / best.trial_id}", file=sys.stderr, flush=True)
 
     def finish(self, rows: list[TrialRow], files: list[Path], status: str) -> None:
         """Tag each child with its outcome, close children a killed process left RUNNING, log the table."""

@@ -240,8 +240,12 @@ class TrialHooks(Callback):
                 log_final_generator(self.tracker, path, self.cfg.out_dir, trainer.step)
             self.tracker.set_tags({"rgan.sweep.outcome": "completed"})
         flush = getattr(self.tracker, "flush", None)
-        if flush is not None:
-            flush(FLUSH_TIMEOUT_S)
+        if flush is not None and not flush(FLUSH_TIMEOUT_S):
+            # Not silent: Tune may end this process once it has the report, taking what is queued with it
+            # (the final generator's logged model is a call, not a record the spool keeps).
+            print(f"rgan sweep: warning: trial {self.reporter.trial_id}: MLflow uploads still pending after "
+                  f"{FLUSH_TIMEOUT_S:.0f}s; reporting to Tune anyway, so its run may miss its last records "
+                  "or its final generator model (a slow tracking server?)", file=sys.stderr, flush=True)
 
 
 def run_trial(cfg: Config, setup: TrialSetup, reporter: Reporter, describe: dict[str, str],
