@@ -10,11 +10,7 @@ distribution (DiffAugment).
 The ops, in the order they run whatever order `augment.policy` lists them (ADA's pipeline order):
 - `flip`: mirror left-right.
 - `rot90`: rotate by k * 90 degrees, k uniform in {0, 1, 2, 3} (square images).
-- `translation`: integer shift by up to 1/8 of the side in x and y (DiffAugment's range); what moves in is the
-  image mirrored at its border (ADA's reflection padding). Not DiffAugment's zeros: on data with a plain
-  background (emoji on white) a zero band (mid-grey) with a sharp edge marks every shifted image, and at ADA's
-  p ~0.5-0.75 G learnt to draw those edges (dark bars and L-shaped lines along the borders in every augmented
-  32x32 small-data run; benchmarks/RESULTS.md, 6b). A mirrored border adds no new content.
+- `translation`: integer shift by up to 1/8 of the side in x and y, zero padding (DiffAugment).
 - `color`: brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5) (DiffAugment's ranges on
   [-1, 1] images), each of the three gated on its own.
 - `cutout`: a square of half the side set to 0 (DiffAugment), centred anywhere in the image.
@@ -135,8 +131,8 @@ def _translation(x: torch.Tensor, prm: Params) -> torch.Tensor:
     u = prm["translation_u"]
     rows, ph = _shift_index(h, u[:, 0], TRANSLATION_RATIO)
     cols, pw = _shift_index(w, u[:, 1], TRANSLATION_RATIO)
-    padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-    # out[i, j] = x[i - dy, j - dx], mirrored at the border: gathers copy values exactly (no interpolation)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    # out[i, j] = x[i - dy, j - dx] (0 outside): gathers copy values exactly (no interpolation)
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pw))
     out = out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
     return _gate(prm["translation"], out, x)
