@@ -628,6 +628,11 @@ def test_a_best_trial_without_its_logged_model_is_said_not_skipped(tmp_path, cap
     assert err.count("\n") == 1 and "best trial t_00002 (MLflow run r2) has no logged generator model" in err
     assert f"rgan export --checkpoint {tmp_path / 'trials' / 't_00002'}" in err
     assert mark({}, "stopped early")[1] == ""
+    parent = object.__new__(ParentRun)  # a trial whose tracker never got a run: no id to tag, said
+    parent.client, parent.sweep, parent.state = Client({}), "s1", tmp_path / STATE_FILE
+    parent._mark_best_model(TrialRow("t_00003", "s1-t3", {}, {}, 9.0, 9.0, 8, "completed"))
+    err = capsys.readouterr().err
+    assert parent.client.calls == [] and "best trial t_00003 reported no MLflow run" in err
 
 
 def test_a_trial_says_when_mlflow_did_not_flush_before_its_report(capsys):
@@ -637,10 +642,11 @@ def test_a_trial_says_when_mlflow_did_not_flush_before_its_report(capsys):
 
     class Tracker:
         def __init__(self, flushed):
-            self.flushed, self.waited = flushed, []
+            self.flushed, self.waited, self.run_id = flushed, [], None
 
         def flush(self, timeout_s):
             self.waited.append(timeout_s)
+            self.run_id = "r-late"  # created by the worker thread after the trial started
             return self.flushed
 
     class Trainer:
@@ -654,4 +660,5 @@ def test_a_trial_says_when_mlflow_did_not_flush_before_its_report(capsys):
         reporter.before_send(Trainer(), None)
         err = capsys.readouterr().err
         assert tracker.waited == [120.0] and err.count("\n") == lines
+        assert reporter.run_id == "r-late"  # the report carries the run the store holds now
         assert flushed or "trial t_00001: MLflow uploads still pending after 120s" in err

@@ -86,6 +86,9 @@ class ParentRun:
         from rgan_dist.mlflow_model import BEST_TAG
 
         if not best.mlflow_run_id:
+            if best.outcome == "completed":  # its tracker never got a run (the store was unreachable)
+                print(f"rgan sweep: warning: the best trial {best.trial_id} reported no MLflow run, so neither a run "
+                      "nor a model is tagged best; its trial log says why", file=sys.stderr, flush=True)
             return
         run = self.client.get_run(best.mlflow_run_id)
         self.client.set_tag(best.mlflow_run_id, BEST_TAG, self.sweep)

@@ -240,7 +240,11 @@ class TrialHooks(Callback):
                 log_final_generator(self.tracker, path, self.cfg.out_dir, trainer.step)
             self.tracker.set_tags({"rgan.sweep.outcome": "completed"})
         flush = getattr(self.tracker, "flush", None)
-        if flush is not None and not flush(FLUSH_TIMEOUT_S):
+        flushed = flush is None or flush(FLUSH_TIMEOUT_S)
+        # The tracker waits only so long for its run at start (a busy store creates it later, on its worker
+        # thread): the id a report carries is read now, or the sweep could not find the trial's run.
+        self.reporter.run_id = str(getattr(self.tracker, "run_id", "") or self.reporter.run_id)
+        if not flushed:
             # Not silent: Tune may end this process once it has the report, taking what is queued with it
             # (the final generator's logged model is a call, not a record the spool keeps).
             print(f"rgan sweep: warning: trial {self.reporter.trial_id}: MLflow uploads still pending after "
