@@ -626,7 +626,7 @@ def test_a_best_trial_without_its_logged_model_is_said_not_skipped(tmp_path, cap
     calls, err = mark({}, "completed")
     assert calls == [("run", "r2", "rgan.sweep.best", "s1")]
     assert err.count("\n") == 1 and "best trial t_00002 (MLflow run r2) has no logged generator model" in err
-    assert f"rgan export --checkpoint {tmp_path / 'trials' / 't_00002'}" in err
+    assert f"rgan export --checkpoint {tmp_path / 'trials' / 't_00002'} --out G.safetensors" in err
     assert mark({}, "stopped early")[1] == ""
     parent = object.__new__(ParentRun)  # a trial whose tracker never got a run: no id to tag, said
     parent.client, parent.sweep, parent.state = Client({}), "s1", tmp_path / STATE_FILE

@@ -99,7 +99,7 @@ class ParentRun:
             print(f"rgan sweep: warning: the best trial {best.trial_id} (MLflow run {best.mlflow_run_id}) has no "
                   "logged generator model, so only its run is tagged best (its upload failed or was cut short; "
                   "the trial's log says which); its generator: rgan export --checkpoint "
-                  f"{self.state.parent / 'trials' / best.trial_id}", file=sys.stderr, flush=True)
+                  f"{self.state.parent / 'trials' / best.trial_id} --out G.safetensors", file=sys.stderr, flush=True)
 
     def finish(self, rows: list[TrialRow], files: list[Path], status: str) -> None:
         """Tag each child with its outcome, close children a killed process left RUNNING, log the table."""

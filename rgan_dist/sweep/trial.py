@@ -243,7 +243,7 @@ class TrialHooks(Callback):
         flushed = flush is None or flush(FLUSH_TIMEOUT_S)
         # The tracker waits only so long for its run at start (a busy store creates it later, on its worker
         # thread): the id a report carries is read now, or the sweep could not find the trial's run.
-        self.reporter.run_id = str(getattr(self.tracker, "run_id", "") or self.reporter.run_id)
+        self.reporter.run_id = str(getattr(self.tracker, "run_id", "") or "")
         if not flushed:
             # Not silent: Tune may end this process once it has the report, taking what is queued with it
             # (the final generator's logged model is a call, not a record the spool keeps).
@@ -281,7 +281,6 @@ def run_trial(cfg: Config, setup: TrialSetup, reporter: Reporter, describe: dict
     except BaseException:
         s.close()
         raise
-    reporter.run_id = str(getattr(tracker, "run_id", "") or "")
     try:
         train(cfg, s, callbacks=[TrialHooks(cfg, reporter, tracker, fault, release)], tracker=tracker)
     except TrainingDiverged:
