@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -258,6 +259,28 @@ class _StreamDataset(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is PIL's; torch threads in workers only oversubscribe cores
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_signal_in_worker)
+
+
+def _stop_signal_in_worker(signum: int, frame: Any) -> None:
+    """A data worker outlives the first stop signal (SIGTERM or SIGINT) and exits cleanly on the second.
+
+    Why: a stop is the trainer's to carry out. Slurm's pre-emption and `kill -- -PGID` signal every process of
+    the job, the workers included. A worker killed by SIGTERM made PyTorch's SIGCHLD handler raise
+    ("DataLoader worker ... is killed by signal") in the middle of the trainer's final checkpoint, or, under
+    several ranks, which stop together at the next logged step, in a rank still reading the batches up to that
+    step: a traceback and the steps since the last checkpoint lost (tests/test_run_faults.py). Ctrl-C reaches
+    the workers too and is treated alike. So the first signal is ignored
+    (the trainer shuts its workers down when it is done, and a worker whose trainer is gone exits by PyTorch's
+    watchdog). The second ends the worker at once with status 0 (not an error for that handler): a second
+    Ctrl-C, or PyTorch's `terminate()` of a worker that would not stop."""
+    if _stop_signal_in_worker.seen:
+        os._exit(0)
+    _stop_signal_in_worker.seen = True
+
+
+_stop_signal_in_worker.seen = False  # type: ignore[attr-defined]
 
 
 def worker_start_method() -> str | None:
