@@ -274,7 +274,8 @@ def _stop_signal_in_worker(signum: int, frame: Any) -> None:
     the workers too and is treated alike. So the first signal is ignored
     (the trainer shuts its workers down when it is done, and a worker whose trainer is gone exits by PyTorch's
     watchdog). The second ends the worker at once with status 0 (not an error for that handler): a second
-    Ctrl-C, or PyTorch's `terminate()` of a worker that would not stop."""
+    Ctrl-C, or a `terminate()` of a worker that would not stop (PyTorch sends one at shutdown, and
+    multiprocessing another at interpreter exit, so even a stuck worker ends)."""
     if _stop_signal_in_worker.seen:
         os._exit(0)
     _stop_signal_in_worker.seen = True
