@@ -86,7 +86,10 @@ def test_workers_of_a_killed_torchrun_agent_checkpoint_and_exit(tmp_path):
         _kill_job(proc, workers)
         with_output = proc.stdout.read()
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
-    assert ckpts, f"no final checkpoint written:\n{with_output[-4000:]}"
+    # without C++ stack frames (the peer probe's TCPStore timeouts fill 4 kB with them), so a rank's own error
+    # shows: once in a full-suite run, rank 1 died right after the agent and its reason was cut off
+    said = "\n".join(ln for ln in with_output.splitlines() if not ln.lstrip().startswith("frame #"))
+    assert ckpts, f"no final checkpoint written:\n{said[-6000:]}"
     assert "is gone: stopping" in with_output, with_output[-4000:]
 
 
