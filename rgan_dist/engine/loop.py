@@ -202,11 +202,19 @@ class Trainer:
             interrupted = True
             if s.is_main:
                 print(f"\nrgan: interrupted at step {self.step}; saving a final checkpoint", flush=True)
+        except BaseException:
+            stop.restore()  # an error leaves the loop: no final save follows, so the handlers go now
+            raise
         finally:
             loop_seconds = time.perf_counter() - t0
             progress.close()
+        # The stop handlers stay in place through the final save: a rank whose own signal comes after the agreed
+        # stop (parent_watch polls each rank's launcher on its own clock) must absorb it as its first, not die of
+        # the default SIGTERM in the middle of the save's collectives, which cost every rank the checkpoint
+        try:
+            path = self.save_checkpoint()
+        finally:
             stop.restore()
-        path = self.save_checkpoint()
         if not interrupted and (not self.samples or not self.samples[-1].stem.endswith(f"{self.step:07d}")):
             self.save_samples()
         return TrainResult(step=self.step, out_dir=cfg.out_dir, checkpoint=path, samples=self.samples,
