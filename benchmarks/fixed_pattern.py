@@ -16,6 +16,7 @@ images are written as one PNG, so the pattern can be seen, not only counted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.modes_by_step import generated  # noqa: E402
 from rgan_dist.errors import UsageError  # noqa: E402
 from rgan_dist.export import load_trained  # noqa: E402
+from rgan_dist.metrics.modes import batched  # noqa: E402
 
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
 
@@ -53,20 +55,11 @@ def sharpness(mean: np.ndarray) -> dict[str, float]:
             "mean_step": float(steps.mean())}
 
 
-def real_images(spec: str, num: int, chunk: int = 500) -> Iterator[np.ndarray]:
-    """Up to `num` images of a shard set, in manifest order, in chunks."""
+def real_images(spec: str, num: int) -> Iterator[np.ndarray]:
+    """Up to `num` images of a shard set, in manifest order, in batches."""
     from data_pipeline.reader import iter_images
 
-    batch: list[np.ndarray] = []
-    for i, img in enumerate(iter_images(spec)):
-        if i == num:
-            break
-        batch.append(img)
-        if len(batch) == chunk:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
+    return batched(itertools.islice(iter_images(spec), num))
 
 
 def write_png(path: Path, means: dict[str, np.ndarray], scale: int = 4) -> None:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.images import BadImage, decode_square
 from data_pipeline.shardset import ShardSet, resolve
 from data_pipeline.verify import ReadStats, ShardCheck, guarded, iter_shard_samples, shard_checks
+from data_pipeline.workers import worker_init, worker_start_method
 
 __all__ = ["BatchIterator", "iter_images", "iter_sample_range", "iter_shard_samples", "make_batch_iterator"]
 
@@ -257,46 +256,6 @@ class _StreamDataset(IterableDataset):
             yield exc
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding is PIL's; torch threads in workers only oversubscribe cores
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop_signal_in_worker)
-
-
-def _stop_signal_in_worker(signum: int, frame: Any) -> None:
-    """A data worker outlives the first stop signal (SIGTERM or SIGINT) and exits cleanly on the second.
-
-    Why: a stop is the trainer's to carry out. Slurm's pre-emption and `kill -- -PGID` signal every process of
-    the job, the workers included. A worker killed by SIGTERM made PyTorch's SIGCHLD handler raise
-    ("DataLoader worker ... is killed by signal") in the middle of the trainer's final checkpoint, or, under
-    several ranks, which stop together at the next logged step, in a rank still reading the batches up to that
-    step: a traceback and the steps since the last checkpoint lost (tests/test_run_faults.py). Ctrl-C reaches
-    the workers too and is treated alike. So the first signal is ignored
-    (the trainer shuts its workers down when it is done, and a worker whose trainer is gone exits by PyTorch's
-    watchdog). The second ends the worker at once with status 0 (not an error for that handler): a second
-    Ctrl-C, or a `terminate()` of a worker that would not stop (PyTorch sends one at shutdown, and
-    multiprocessing another at interpreter exit, so even a stuck worker ends)."""
-    if _stop_signal_in_worker.seen:
-        os._exit(0)
-    _stop_signal_in_worker.seen = True
-
-
-_stop_signal_in_worker.seen = False  # type: ignore[attr-defined]
-
-
-def worker_start_method() -> str | None:
-    """How DataLoader workers start: forked (the default, None), except in a process that runs Ray.
-
-    A Ray worker (a sweep's trial) runs gRPC and abseil threads; a child forked from it inherits their locks in
-    whatever state they were, and gRPC's fork handlers then abort it with abseil's "Mutex corrupt" check
-    (SIGABRT, "Fatal Python error: Aborted"; grpc/grpc#32992, grpc/grpc#32758: a torch DataLoader forked
-    after gRPC started). "forkserver" forks the workers from a fresh single-threaded server process instead.
-    Ray is looked up, never imported: the data pipeline does not depend on it."""
-    ray = sys.modules.get("ray")
-    is_initialized = getattr(ray, "is_initialized", None)
-    return "forkserver" if callable(is_initialized) and is_initialized() else None
-
-
 class BatchIterator:
     """Infinite iterator of uint8 [B, 3, R, R] CPU tensors (pinned when the device is CUDA).
 
@@ -380,7 +339,7 @@ class BatchIterator:
                 num_workers=self._workers,
                 pin_memory=self._pin,
                 prefetch_factor=self._prefetch if self._workers else None,
-                worker_init_fn=_worker_init if self._workers else None,
+                worker_init_fn=worker_init if self._workers else None,
                 multiprocessing_context=worker_start_method() if self._workers else None,
             )
             self._it = iter(loader)

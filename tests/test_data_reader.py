@@ -262,7 +262,7 @@ def test_in_a_ray_process_workers_start_from_a_forkserver(tmp_path, monkeypatch)
     import sys
     import types
 
-    from data_pipeline.reader import worker_start_method
+    from data_pipeline.workers import worker_start_method
 
     spec = make_shards(tmp_path / "s", [30, 30])
     kw = dict(batch_size=4, rank=0, world_size=1, workers=2, seed=1)

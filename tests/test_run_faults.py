@@ -173,6 +173,11 @@ def test_a_stop_signal_to_the_whole_process_group_with_data_workers_still_saves_
     # run); the ranks must print none, and nothing about their data workers
     ours = [ln for ln in output.splitlines() if ln.startswith("[rank") or "DataLoader worker" in ln]
     assert not ours and "killed by signal" not in output, output[-4000:]
+    # One process: no traceback of ours. Known and left open: once in a full-suite run, multiprocessing's
+    # resource_sharer thread (how workers hand tensors over) printed a ConnectionResetError at shutdown, after
+    # the checkpoint was written; that one is tolerated, any other fails
+    ours = output.count("Traceback") - output.count("multiprocessing/resource_sharer.py")
+    assert strategy != "single" or ours == 0, output[-4000:]
     assert "saving a final checkpoint" in output, output[-4000:]
     ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
     assert ckpts and int(ckpts[-1].stem.split("-")[1]) >= 40, (ckpts, output[-4000:])
